@@ -87,8 +87,8 @@ def _clip_unitwise(clipping: float, eps: float) -> optax.GradientTransformation:
   def clip_leaf(grad, param):
     axis = unit_axes(grad.ndim)
     # Norms of bfloat16 gradients lose too much precision (8-bit mantissa) over large units.
-    grad32 = grad.astype(jnp.float32)
-    param32 = param.astype(jnp.float32)
+    grad32 = jnp.asarray(grad, jnp.float32)
+    param32 = jnp.asarray(param, jnp.float32)
     clipped, _ = optax.adaptive_grad_clip(clipping, eps, axis=axis).update(grad32, optax.EmptyState(), param32)
     # Same norms as inside optax's clip (XLA merges the duplicates under jit); one entry per unit.
     grad_norm = optax.transforms.unitwise_norm(grad32, axis=axis)
@@ -96,7 +96,7 @@ def _clip_unitwise(clipping: float, eps: float) -> optax.GradientTransformation:
     exceeds = grad_norm > max_norm
     # unitwise_norm broadcasts each unit's norm over the unit; keep one entry per unit.
     per_unit = exceeds.reshape(-1)[:1] if axis is None else exceeds[(0,) * (grad.ndim - 1)]
-    return clipped.astype(grad.dtype), (jnp.sum(per_unit, dtype=jnp.float32), per_unit.size)
+    return clipped.astype(jnp.result_type(grad)), (jnp.sum(per_unit, dtype=jnp.float32), per_unit.size)
 
   def update_fn(updates, state, params=None):
     del state
