@@ -1,0 +1,257 @@
+"""RandAugment (Cubuk et al. 2019) with the reference's 16 ops and magnitude mappings, on Pillow.
+
+`randaugment(image, rng, num_layers, magnitude)` applies `num_layers` ops, each drawn uniformly from
+`OPS` and always applied, at the shared magnitude M (out of `MAX_LEVEL` = 10; larger M, e.g. the 15 of
+F3-F7, extrapolates every mapping linearly). Empty pixels of geometric ops and Cutout are filled with
+grey 128. Every magnitude -> argument rule lives in `LEVEL_TO_ARG`; the mappings and the op semantics
+follow the TensorFlow (tensorflow/tpu autoaugment) code the reference used:
+
+| op | argument at magnitude M | M = 0 | M = 10 |
+|---|---|---|---|
+| AutoContrast, Equalize, Invert | none | - | - |
+| Rotate | 30 * M / 10 degrees, random sign | 0 | +-30 |
+| Posterize | keep int(4 * M / 10) high bits (at least 1, as TF clamps the shift to 7) | 1 bit | 4 bits |
+| Solarize | invert pixels >= int(256 * M / 10) | all inverted | 255 inverted |
+| SolarizeAdd | add int(110 * M / 10) to pixels < 128, clip | identity | +110 |
+| Color, Contrast, Brightness, Sharpness | blend factor 1.8 * M / 10 + 0.1 (1 = identity) | 0.1 | 1.9 |
+| ShearX, ShearY | 0.3 * M / 10, random sign | 0 | +-0.3 |
+| TranslateX, TranslateY | 100 * M / 10 pixels, random sign, NOT scaled by image size | 0 | +-100 px |
+| Cutout | grey square of half-side int(40 * M / 10) px, centre uniform, clipped | none | 80 px square |
+
+Geometric ops use nearest-neighbour sampling (the default of the TF ops the reference called).
+Enhance ops blend with Pillow's degenerate images (grey, mean grey, black, SMOOTH-filtered). Contrast
+blends towards the mean grey level as Pillow does; the reference's TF port blended towards
+(pixel count / 256) instead (a known slip in that port), which this module does not reproduce.
+"""
+import functools
+from typing import Any, Callable, Dict, Tuple
+
+import numpy as np
+from PIL import Image
+
+MAX_LEVEL = 10.0
+FILL = (128, 128, 128)
+TRANSLATE_CONST = 100.0
+CUTOUT_CONST = 40.0
+
+OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
+       'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout',
+       'SolarizeAdd')
+
+
+def _random_sign(value: float, rng: np.random.Generator) -> float:
+  return -value if rng.random() < 0.5 else value
+
+
+def _enhance_factor(m: float, rng: np.random.Generator) -> float:
+  del rng
+  return m / MAX_LEVEL * 1.8 + 0.1
+
+
+def _no_arg(m: float, rng: np.random.Generator) -> None:
+  del m, rng
+
+
+# The one table of magnitude -> op argument rules (M may be fractional or above MAX_LEVEL).
+LEVEL_TO_ARG: Dict[str, Callable[[float, np.random.Generator], Any]] = {
+    'AutoContrast': _no_arg,
+    'Equalize': _no_arg,
+    'Invert': _no_arg,
+    'Rotate': lambda m, rng: _random_sign(m / MAX_LEVEL * 30.0, rng),
+    'Posterize': lambda m, rng: int(m / MAX_LEVEL * 4),
+    'Solarize': lambda m, rng: int(m / MAX_LEVEL * 256),
+    'SolarizeAdd': lambda m, rng: int(m / MAX_LEVEL * 110),
+    'Color': _enhance_factor,
+    'Contrast': _enhance_factor,
+    'Brightness': _enhance_factor,
+    'Sharpness': _enhance_factor,
+    'ShearX': lambda m, rng: _random_sign(m / MAX_LEVEL * 0.3, rng),
+    'ShearY': lambda m, rng: _random_sign(m / MAX_LEVEL * 0.3, rng),
+    'TranslateX': lambda m, rng: _random_sign(m / MAX_LEVEL * TRANSLATE_CONST, rng),
+    'TranslateY': lambda m, rng: _random_sign(m / MAX_LEVEL * TRANSLATE_CONST, rng),
+    'Cutout': lambda m, rng: int(m / MAX_LEVEL * CUTOUT_CONST),
+}
+
+
+def _lookup(image: Image.Image, table) -> Image.Image:
+  # One 256-entry table per band; Image.point runs in C.
+  return image.point(table if len(table) == 768 else list(table) * 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_table(kind: str, arg: int) -> Tuple[int, ...]:
+  values = np.arange(256)
+  if kind == 'invert':
+    table = 255 - values
+  elif kind == 'posterize':
+    # TF clamps the shift amount 8 - bits to [0, 7]: 0 bits keeps 1, more than 8 keeps all.
+    table = values & ((0xFF << min(max(8 - arg, 0), 7)) & 0xFF)
+  elif kind == 'solarize':
+    table = np.where(values < arg, values, 255 - values)
+  else:  # solarize_add below the reference's fixed threshold of 128.
+    table = np.where(values < 128, np.clip(values + arg, 0, 255), values)
+  return tuple(int(v) for v in table) * 3
+
+
+def _affine(image: Image.Image, coefficients: Tuple[float, ...]) -> Image.Image:
+  # Coefficients map output (x, y) to input (a x + b y + c, d x + e y + f), as TF's transform does.
+  return image.transform(image.size, Image.AFFINE, coefficients, resample=Image.NEAREST,
+                         fillcolor=FILL)
+
+
+def auto_contrast(image, arg, rng):
+  # Per channel, stretch [min, max] to [0, 255] (truncating), identity for a flat channel.
+  values = np.arange(256, dtype=np.float32)
+  tables = []
+  for low, high in image.getextrema():
+    if high > low:
+      scale = 255.0 / (high - low)
+      tables.append(np.clip(values * scale - low * scale, 0, 255).astype(np.int64))
+    else:
+      tables.append(values.astype(np.int64))
+  return _lookup(image, np.concatenate(tables).tolist())
+
+
+def equalize(image, arg, rng):
+  # Pillow's/TF's rule: step = (pixels - count of the last non-empty bin) // 255, cumulative LUT.
+  histograms = np.asarray(image.histogram(), np.int64).reshape(3, 256)
+  tables = []
+  for histogram in histograms:
+    nonzero = histogram[histogram > 0]
+    step = (nonzero.sum() - nonzero[-1]) // 255 if nonzero.size else 0
+    if step == 0:
+      tables.append(np.arange(256))
+      continue
+    cumulative = np.concatenate([[0], np.cumsum(histogram)[:-1]])
+    tables.append(np.minimum((cumulative + step // 2) // step, 255))
+  return _lookup(image, np.concatenate(tables).tolist())
+
+
+def invert(image, arg, rng):
+  return _lookup(image, _cached_table('invert', 0))
+
+
+def rotate(image, degrees, rng):
+  return image.rotate(degrees, resample=Image.NEAREST, fillcolor=FILL)
+
+
+def posterize(image, bits, rng):
+  return _lookup(image, _cached_table('posterize', bits))
+
+
+def solarize(image, threshold, rng):
+  return _lookup(image, _cached_table('solarize', threshold))
+
+
+def solarize_add(image, addition, rng):
+  return _lookup(image, _cached_table('solarize_add', addition))
+
+
+def _blend(degenerate: Image.Image, image: Image.Image, factor: float) -> Image.Image:
+  # factor 1 is exactly the input (M = 5 for every enhance op): skip the work.
+  return image if factor == 1.0 else Image.blend(degenerate, image, factor)
+
+
+def color(image, factor, rng):
+  return _blend(image.convert('L').convert('RGB'), image, factor)
+
+
+def contrast(image, factor, rng):
+  mean = int(np.dot(image.convert('L').histogram(), np.arange(256)) / (image.width * image.height)
+             + 0.5)
+  return _blend(Image.new('RGB', image.size, (mean,) * 3), image, factor)
+
+
+def brightness(image, factor, rng):
+  return _blend(Image.new('RGB', image.size, (0, 0, 0)), image, factor)
+
+
+def sharpness(image, factor, rng):
+  if factor == 1.0:
+    return image
+  # Pillow's SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 on the interior, borders kept;
+  # numpy shifted sums are several times faster than ImageFilter here.
+  pixels = np.asarray(image)
+  height, width = pixels.shape[:2]
+  wide = pixels.astype(np.uint16)
+  total = 4 * wide[1:-1, 1:-1]
+  for dy in range(3):
+    for dx in range(3):
+      total += wide[dy:dy + height - 2, dx:dx + width - 2]
+  smoothed = pixels.copy()
+  smoothed[1:-1, 1:-1] = (total + 6) // 13
+  return _blend(Image.fromarray(smoothed), image, factor)
+
+
+def shear_x(image, level, rng):
+  return _affine(image, (1.0, level, 0.0, 0.0, 1.0, 0.0))
+
+
+def shear_y(image, level, rng):
+  return _affine(image, (1.0, 0.0, 0.0, level, 1.0, 0.0))
+
+
+def translate_x(image, pixels, rng):
+  return _affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
+
+
+def translate_y(image, pixels, rng):
+  return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
+
+
+def cutout(image, half_size, rng):
+  width, height = image.size
+  center_y = int(rng.integers(0, height))
+  center_x = int(rng.integers(0, width))
+  if half_size <= 0:
+    return image
+  box = (max(0, center_x - half_size), max(0, center_y - half_size),
+         min(width, center_x + half_size), min(height, center_y + half_size))
+  image = image.copy()
+  image.paste(FILL, box)
+  return image
+
+
+OP_FUNCTIONS: Dict[str, Callable[[Image.Image, Any, np.random.Generator], Image.Image]] = {
+    'AutoContrast': auto_contrast, 'Equalize': equalize, 'Invert': invert, 'Rotate': rotate,
+    'Posterize': posterize, 'Solarize': solarize, 'Color': color, 'Contrast': contrast,
+    'Brightness': brightness, 'Sharpness': sharpness, 'ShearX': shear_x, 'ShearY': shear_y,
+    'TranslateX': translate_x, 'TranslateY': translate_y, 'Cutout': cutout,
+    'SolarizeAdd': solarize_add,
+}
+assert set(OP_FUNCTIONS) == set(OPS) == set(LEVEL_TO_ARG)
+
+
+def _check_image(image: np.ndarray) -> None:
+  if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+      or image.shape[-1] != 3:
+    got = (image.dtype, image.shape) if isinstance(image, np.ndarray) else type(image).__name__
+    raise ValueError(f'RandAugment needs a uint8 [H, W, 3] array, got {got}.')
+
+
+def _apply(image: Image.Image, name: str, magnitude: float, rng: np.random.Generator) -> Image.Image:
+  arg = LEVEL_TO_ARG[name](magnitude, rng)
+  return OP_FUNCTIONS[name](image, arg, rng)
+
+
+def apply_op(image: np.ndarray, name: str, magnitude: float,
+             rng: np.random.Generator) -> np.ndarray:
+  """Applies the single op `name` at `magnitude` to a uint8 HWC image (for tests and tools)."""
+  _check_image(image)
+  if name not in OP_FUNCTIONS:
+    raise ValueError(f'Unknown RandAugment op {name!r}; choose one of {", ".join(OPS)}.')
+  return np.asarray(_apply(Image.fromarray(image), name, magnitude, rng))
+
+
+def randaugment(image: np.ndarray, rng: np.random.Generator, num_layers: int,
+                magnitude: float) -> np.ndarray:
+  """Applies `num_layers` ops drawn uniformly from `OPS` at `magnitude`; uint8 HWC in and out."""
+  _check_image(image)
+  if num_layers < 0 or magnitude < 0:
+    raise ValueError(f'Need num_layers >= 0 and magnitude >= 0, got {num_layers} and {magnitude}.')
+  if num_layers == 0:
+    return image
+  pil_image = Image.fromarray(image)
+  for op_index in rng.integers(0, len(OPS), size=num_layers):
+    pil_image = _apply(pil_image, OPS[op_index], magnitude, rng)
+  return np.asarray(pil_image)

@@ -1,0 +1,291 @@
+"""Benchmarks, one sub-command each; every run prints ONE JSON line.
+
+  python -m scripts.benchmark input --config configs/nfnet.py:F0 [--num_images 256] [--seconds 10]
+
+`input` times the full training transform (decode, random-resized crop, flip, bicubic resize, MixUp/
+CutMix, RandAugment, normalise) of `nfnets.data` on a few hundred ImageNet-like JPEGs, next to a
+straightforward Pillow version of the same transform written the way timm does it (full decode, crop
+then resize, RandAugment on PIL images with bilinear geometric ops, mixing in float64 numpy). Both run
+in this process pinned to one core, alternating in rounds so that load drift hits both; the project's
+transform is then run once more with one pinned process per available core for the total rate.
+
+The JPEGs are made from the two photos shipped with scikit-learn (china.jpg, flower.jpg, 427x640): a
+random crop (aspect 0.6-1.7, 35-100 % of the area) resized to a long side of 300-500 px (80 %) or
+500-900 px (20 %), saved at JPEG quality 70-95, roughly ImageNet's spread of sizes and qualities.
+"""
+import argparse
+import concurrent.futures
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from nfnets.data import mix
+from nfnets.data import ops_image
+from nfnets.data import randaugment
+
+DEFAULT_INPUT_SETTINGS = dict(train_resolution=192, randaugment_layers=4, randaugment_magnitude=5.0,
+                              mix='mixup_cutmix', mixup_alpha=0.2)
+NUM_CLASSES = 1000
+
+
+def load_config(spec: str):
+  """Loads `path[:arg]` (ml_collections config_flags style): the module's get_config(arg)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(path)
+  module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def input_settings(spec: str) -> Dict[str, Any]:
+  """The data settings the input benchmark needs, from the config or the F0 defaults."""
+  settings = dict(DEFAULT_INPUT_SETTINGS)
+  try:
+    config = load_config(spec)
+  except FileNotFoundError:
+    settings['config_source'] = f'defaults (F0): config file of {spec!r} not found'
+    return settings
+  for key in DEFAULT_INPUT_SETTINGS:
+    if key in config.data:
+      settings[key] = config.data[key]
+  settings['config_source'] = spec
+  return settings
+
+
+def make_jpegs(num_images: int, directory: str, seed: int = 0) -> List[bytes]:
+  """Writes `num_images` varied ImageNet-like JPEGs into `directory` and returns their bytes."""
+  from sklearn.datasets import load_sample_image  # Slow import; only the benchmark needs it.
+  sources = [Image.fromarray(load_sample_image(name)) for name in ('china.jpg', 'flower.jpg')]
+  rng = np.random.default_rng(seed)
+  encoded = []
+  for index in range(num_images):
+    source = sources[index % len(sources)]
+    aspect = rng.uniform(0.6, 1.7)
+    area = rng.uniform(0.35, 1.0) * source.width * source.height
+    crop_w = int(min(source.width, np.sqrt(area * aspect)))
+    crop_h = int(min(source.height, crop_w / aspect))
+    left = int(rng.integers(0, source.width - crop_w + 1))
+    top = int(rng.integers(0, source.height - crop_h + 1))
+    long_side = rng.uniform(300, 500) if rng.random() < 0.8 else rng.uniform(500, 900)
+    scale = long_side / max(crop_w, crop_h)
+    image = source.crop((left, top, left + crop_w, top + crop_h)).resize(
+        (max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.BICUBIC)
+    path = os.path.join(directory, f'image_{index:04d}.jpg')
+    image.save(path, 'JPEG', quality=int(rng.integers(70, 96)))
+    with open(path, 'rb') as f:
+      encoded.append(f.read())
+  return encoded
+
+
+def project_transform(jpegs: Sequence[bytes], labels: np.ndarray, rng: np.random.Generator,
+                      settings: Dict[str, Any]) -> Dict[str, np.ndarray]:
+  """The project's training transform for one batch (same order as the pipeline)."""
+  size = settings['train_resolution']
+  images = np.stack([ops_image.random_flip(ops_image.decode_random_resized_crop(b, rng, size), rng)
+                     for b in jpegs])
+  if settings['mix'] == 'mixup_cutmix':
+    images, targets = mix.mixup_cutmix(images, labels, NUM_CLASSES, rng, settings['mixup_alpha'])
+  else:
+    targets = mix.one_hot(labels, NUM_CLASSES)
+  layers, magnitude = settings['randaugment_layers'], settings['randaugment_magnitude']
+  if layers:
+    images = np.stack([randaugment.randaugment(x, rng, layers, magnitude) for x in images])
+  return {'images': ops_image.normalize(images), 'labels': targets}
+
+
+def _baseline_random_resized_crop(image: Image.Image, size: int, rng) -> Image.Image:
+  # torchvision's RandomResizedCrop parameters: area uniform, log-uniform aspect, 10 tries.
+  width, height = image.size
+  for _ in range(10):
+    area = rng.uniform(0.08, 1.0) * width * height
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    crop_w, crop_h = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+    if 0 < crop_w <= width and 0 < crop_h <= height:
+      top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+      break
+  else:
+    crop_w = crop_h = min(width, height)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+  return image.crop((left, top, left + crop_w, top + crop_h)).resize((size, size), Image.BICUBIC)
+
+
+def _baseline_randaugment(image: Image.Image, rng, layers: int, magnitude: float) -> Image.Image:
+  level = magnitude / 10
+  sign = lambda: 1 if rng.random() < 0.5 else -1
+  fill = (128, 128, 128)
+  ops: List[Callable[[Image.Image], Image.Image]] = [
+      ImageOps.autocontrast, ImageOps.equalize, ImageOps.invert,
+      lambda x: x.rotate(sign() * 30 * level, resample=Image.BILINEAR, fillcolor=fill),
+      lambda x: ImageOps.posterize(x, max(1, int(4 * level))),
+      lambda x: ImageOps.solarize(x, int(256 * level)),
+      lambda x: ImageEnhance.Color(x).enhance(1.8 * level + 0.1),
+      lambda x: ImageEnhance.Contrast(x).enhance(1.8 * level + 0.1),
+      lambda x: ImageEnhance.Brightness(x).enhance(1.8 * level + 0.1),
+      lambda x: ImageEnhance.Sharpness(x).enhance(1.8 * level + 0.1),
+      lambda x: x.transform(x.size, Image.AFFINE, (1, sign() * 0.3 * level, 0, 0, 1, 0),
+                            resample=Image.BILINEAR, fillcolor=fill),
+      lambda x: x.transform(x.size, Image.AFFINE, (1, 0, 0, sign() * 0.3 * level, 1, 0),
+                            resample=Image.BILINEAR, fillcolor=fill),
+      lambda x: x.transform(x.size, Image.AFFINE, (1, 0, sign() * 100 * level, 0, 1, 0),
+                            resample=Image.BILINEAR, fillcolor=fill),
+      lambda x: x.transform(x.size, Image.AFFINE, (1, 0, 0, 0, 1, sign() * 100 * level),
+                            resample=Image.BILINEAR, fillcolor=fill),
+      lambda x: _baseline_cutout(x, int(40 * level), rng),
+      lambda x: x.point(lambda v: min(255, v + int(110 * level)) if v < 128 else v),
+  ]
+  for _ in range(layers):
+    image = ops[rng.integers(0, len(ops))](image)
+  return image
+
+
+def _baseline_cutout(image: Image.Image, half: int, rng) -> Image.Image:
+  pixels = np.array(image)
+  y, x = rng.integers(0, pixels.shape[0]), rng.integers(0, pixels.shape[1])
+  pixels[max(0, y - half):y + half, max(0, x - half):x + half] = 128
+  return Image.fromarray(pixels)
+
+
+def baseline_transform(jpegs: Sequence[bytes], labels: np.ndarray, rng: np.random.Generator,
+                       settings: Dict[str, Any]) -> Dict[str, np.ndarray]:
+  """Straightforward Pillow transform, timm style: per image decode/crop/flip/RandAugment, then mix."""
+  size = settings['train_resolution']
+  images = []
+  for data in jpegs:
+    image = Image.open(io.BytesIO(data)).convert('RGB')
+    image = _baseline_random_resized_crop(image, size, rng)
+    if rng.random() < 0.5:
+      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if settings['randaugment_layers']:
+      image = _baseline_randaugment(image, rng, settings['randaugment_layers'],
+                                    settings['randaugment_magnitude'])
+    images.append(np.asarray(image, dtype=np.float64))
+  images = np.stack(images)
+  targets = np.eye(NUM_CLASSES)[labels]
+  if settings['mix'] == 'mixup_cutmix':
+    half = len(images) // 2
+    ratio = rng.beta(settings['mixup_alpha'], settings['mixup_alpha'], size=half)
+    partner = np.roll(np.arange(half), -1)
+    images[:half] = (ratio[:, None, None, None] * images[:half]
+                     + (1 - ratio[:, None, None, None]) * images[partner])
+    targets[:half] = ratio[:, None] * targets[:half] + (1 - ratio[:, None]) * targets[partner]
+    for i in range(half, len(images)):
+      j = half + (i - half + 1) % (len(images) - half)
+      top, bottom, left, right = mix.cutmix_box(size, size, rng)
+      images[i, top:bottom, left:right] = images[j, top:bottom, left:right]
+      pasted = (bottom - top) * (right - left) / size**2
+      targets[i] = (1 - pasted) * targets[i] + pasted * targets[j]
+  mean = np.array([0.485, 0.456, 0.406]) * 255
+  std = np.array([0.229, 0.224, 0.225]) * 255
+  return {'images': ((images - mean) / std).astype(np.float32), 'labels': targets}
+
+
+def _time_transform(transform, jpegs, settings, batch_size, seconds, seed) -> Dict[str, float]:
+  """Runs whole batches for about `seconds` (at least one); returns images and elapsed seconds."""
+  rng = np.random.default_rng(seed)
+  labels_rng = np.random.default_rng(seed + 1)
+  count, start, position = 0, time.perf_counter(), 0
+  while True:
+    batch = [jpegs[(position + k) % len(jpegs)] for k in range(batch_size)]
+    position += batch_size
+    transform(batch, labels_rng.integers(0, NUM_CLASSES, size=batch_size), rng, settings)
+    count += batch_size
+    elapsed = time.perf_counter() - start
+    if elapsed >= seconds:
+      return {'images': count, 'seconds': elapsed}
+
+
+def _pinned_worker(cpu, jpegs, settings, batch_size, seconds, seed):
+  os.sched_setaffinity(0, {cpu})
+  return _time_transform(project_transform, jpegs, settings, batch_size, seconds, seed)
+
+
+def run_input(args) -> Dict[str, Any]:
+  settings = input_settings(args.config)
+  cpus = sorted(os.sched_getaffinity(0))
+  with tempfile.TemporaryDirectory() as directory:
+    jpegs = make_jpegs(args.num_images, directory, args.seed)
+    sizes = [Image.open(io.BytesIO(b)).size for b in jpegs]
+  batch_size = min(args.batch_size, args.num_images)
+
+  os.sched_setaffinity(0, {cpus[0]})
+  transforms = {'project': project_transform, 'baseline': baseline_transform}
+  totals = {name: {'images': 0, 'seconds': 0.0} for name in transforms}
+  for name, transform in transforms.items():  # Warm-up: caches, lazy imports.
+    transform(jpegs[:batch_size], np.zeros(batch_size, np.int64), np.random.default_rng(0), settings)
+  for round_index in range(args.rounds):
+    for name, transform in transforms.items():
+      result = _time_transform(transform, jpegs, settings, batch_size,
+                               args.seconds / args.rounds, args.seed + round_index)
+      totals[name]['images'] += result['images']
+      totals[name]['seconds'] += result['seconds']
+  os.sched_setaffinity(0, set(cpus))
+  per_core = {name: t['images'] / t['seconds'] for name, t in totals.items()}
+
+  context = multiprocessing.get_context('fork')
+  with concurrent.futures.ProcessPoolExecutor(len(cpus), mp_context=context) as pool:
+    futures = [pool.submit(_pinned_worker, cpu, jpegs, settings, batch_size, args.seconds / 2,
+                           args.seed + 100 + i) for i, cpu in enumerate(cpus)]
+    results = [f.result() for f in futures]
+  all_cores = sum(r['images'] for r in results) / max(r['seconds'] for r in results)
+
+  widths, heights = zip(*sizes)
+  return {
+      'benchmark': 'input',
+      'config': settings.pop('config_source'),
+      **settings,
+      'num_images': args.num_images,
+      'image_size_mean_hw': [round(float(np.mean(heights))), round(float(np.mean(widths)))],
+      'image_long_side_range': [int(min(map(max, sizes))), int(max(map(max, sizes)))],
+      'batch_size': batch_size,
+      'cores': len(cpus),
+      'images_per_s': round(all_cores, 1),
+      'images_per_s_per_core': round(per_core['project'], 1),
+      'baseline_images_per_s_per_core': round(per_core['baseline'], 1),
+      'speedup_per_core': round(per_core['project'] / per_core['baseline'], 2),
+      'timed_images': {name: t['images'] for name, t in totals.items()},
+  }
+
+
+SUBCOMMANDS = {'input': run_input}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m scripts.benchmark', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest='command', required=True)
+  input_parser = commands.add_parser('input', help='host input pipeline: project vs Pillow baseline')
+  input_parser.add_argument('--config', default='configs/nfnet.py:F0',
+                            help='config as path[:arg]; F0 defaults when the file is missing')
+  input_parser.add_argument('--num_images', type=int, default=256,
+                            help='how many JPEGs to generate (cycled through while timing)')
+  input_parser.add_argument('--seconds', type=float, default=10.0,
+                            help='timing budget per transform on one core (at least one batch)')
+  input_parser.add_argument('--batch_size', type=int, default=32)
+  input_parser.add_argument('--rounds', type=int, default=2,
+                            help='alternations project/baseline within the time budget')
+  input_parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.command == 'input' and (args.num_images < 1 or args.seconds < 0 or args.batch_size < 1
+                                  or args.rounds < 1):
+    parser.error('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
+  return args
+
+
+def main(argv: Sequence[str]) -> None:
+  args = parse_args(argv)
+  print(json.dumps(SUBCOMMANDS[args.command](args)), flush=True)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
