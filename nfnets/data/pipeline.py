@@ -1,0 +1,294 @@
+"""grain input pipelines: resumable, host-sharded training batches and exact evaluation batches.
+
+Training (per host): this host's slice of the split -> shuffle (reshuffled every epoch) -> repeat
+-> per example: decode with random-resized crop, flip (and RandAugment when it runs before mixing)
+-> batch -> per batch: MixUp/CutMix, RandAugment after mixing -> thread prefetch (optionally
+worker processes) -> normalise and reshape to [local_devices, per_device, ...].
+
+Every random choice is derived from (seed, host, example position), so a run is deterministic,
+and the returned iterator's state (a small JSON-able dict) restores it exactly, also through
+`grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
+
+Evaluation visits each example of this host's slice once, in order, then pads with masked
+zero examples so that every host yields the same number of full batches (`num_eval_batches`),
+which keeps multi-host collectives in step.
+
+Batches are uint8 until the last step (normalisation runs as the iterator hands a batch out), so
+prefetch buffers stay a quarter of the size of float32 ones.
+"""
+import functools
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from nfnets.data import mix
+from nfnets.data import ops_image
+from nfnets.data import randaugment
+from nfnets.data import sources
+
+MIX_MODES = ('mixup_cutmix', 'none')
+
+
+def host_batch_size(global_batch_size: int, process_count: int, local_device_count: int) -> int:
+  """This host's share of the global batch; must split evenly over hosts and local devices."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'Global batch size {global_batch_size} must be a positive multiple of the '
+                     f'process count {process_count}.')
+  per_host = global_batch_size // process_count
+  if per_host % local_device_count:
+    raise ValueError(f'Per-host batch {per_host} (global {global_batch_size} / {process_count} '
+                     f'hosts) must be divisible by the {local_device_count} local devices.')
+  return per_host
+
+
+def make_train_iterator(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    num_classes: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> grain.DatasetIterator:
+  """An endless, resumable iterator of training batches for this host.
+
+  Yields {'images': float32 [local_devices, per_device, R, R, 3] normalised,
+  'labels': float32 [local_devices, per_device, num_classes] (mixed one-hot)}, R =
+  `data_config.train_resolution`. `get_state()`/`set_state()` (or grain.checkpoint) resume it
+  exactly; a state only fits an iterator built with the same config, seed and host layout.
+  """
+  process_index, process_count, local_device_count = _host_layout(
+      process_index, process_count, local_device_count)
+  per_host = host_batch_size(global_batch_size, process_count, local_device_count)
+  if data_config.mix not in MIX_MODES:
+    raise ValueError(f'Unknown config.data.mix {data_config.mix!r}; use one of {MIX_MODES}.')
+  source = sources.get_source(data_config, data_config.train_split)
+  shard = grain.MapDataset.source(source)[process_index::process_count]
+  if len(shard) < per_host:
+    raise ValueError(f'Host {process_index} holds {len(shard)} training examples, fewer than '
+                     f'its batch of {per_host}; use a smaller batch.')
+  shuffle_seed, example_seed, batch_seed = _host_seeds(seed, process_index)
+  layers = data_config.randaugment_layers
+  augment_before_mix = layers > 0 and not data_config.randaugment_after_mix
+  augment_after_mix = layers > 0 and data_config.randaugment_after_mix
+  dataset = (
+      shard.shuffle(seed=shuffle_seed)
+      .repeat()
+      .random_map(_CropFlipAugment(
+          resolution=data_config.train_resolution,
+          area_range=(data_config.crop_min_area, 1.0),
+          flip=data_config.flip,
+          randaugment_layers=layers if augment_before_mix else 0,
+          randaugment_magnitude=data_config.randaugment_magnitude), seed=example_seed)
+      .batch(per_host, drop_remainder=True)
+      .random_map(_MixAndAugmentBatch(
+          num_classes=num_classes,
+          mix=data_config.mix,
+          mixup_alpha=data_config.mixup_alpha,
+          randaugment_layers=layers if augment_after_mix else 0,
+          randaugment_magnitude=data_config.randaugment_magnitude), seed=batch_seed)
+  )
+  return _finish(dataset, local_device_count, {'images': 'image', 'labels': 'targets'},
+                 num_workers=data_config.get('num_workers', 0) or 0)
+
+
+def make_eval_iterator(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> grain.DatasetIterator:
+  """A finite iterator over `data_config.eval_split`, each example of this host's slice once.
+
+  Yields `num_eval_batches(...)` batches {'images': float32 [ld, pd, R, R, 3] normalised,
+  'labels': int32 [ld, pd], 'mask': float32 [ld, pd]}; padding examples are zeros with mask 0.
+  """
+  process_index, process_count, local_device_count = _host_layout(
+      process_index, process_count, local_device_count)
+  per_host = host_batch_size(global_batch_size, process_count, local_device_count)
+  source = sources.get_source(data_config, data_config.eval_split)
+  num_batches = _num_eval_batches(len(source), per_host, process_count)
+  padded = _PaddedHostSlice(source, process_index, process_count, num_batches * per_host)
+  dataset = (
+      grain.MapDataset.source(padded)
+      .map(_EvalPreprocess(data_config.eval_resolution, data_config.eval_resize_margin))
+      .batch(per_host, drop_remainder=True)
+  )
+  # Threads only: worker processes cost seconds to start per evaluation, and grain 0.2.18
+  # leaks their shared memory when a finite iterator runs out.
+  return _finish(dataset, local_device_count,
+                 {'images': 'image', 'labels': 'label', 'mask': 'mask'}, num_workers=0)
+
+
+def num_eval_batches(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> int:
+  """How many batches `make_eval_iterator` yields (the same on every host)."""
+  _, process_count, local_device_count = _host_layout(0, process_count, local_device_count)
+  per_host = host_batch_size(global_batch_size, process_count, local_device_count)
+  num_examples = len(sources.get_source(data_config, data_config.eval_split))
+  return _num_eval_batches(num_examples, per_host, process_count)
+
+
+def _num_eval_batches(num_examples: int, per_host: int, process_count: int) -> int:
+  largest_host_slice = math.ceil(num_examples / process_count)
+  return math.ceil(largest_host_slice / per_host)
+
+
+def _host_layout(process_index, process_count, local_device_count) -> tuple[int, int, int]:
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_device_count = (jax.local_device_count() if local_device_count is None
+                        else local_device_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is outside [0, {process_count}).')
+  if local_device_count <= 0:
+    raise ValueError(f'local_device_count must be positive, got {local_device_count}.')
+  return process_index, process_count, local_device_count
+
+
+def _host_seeds(seed: int, process_index: int) -> list[int]:
+  # Hosts must not share augmentation randomness; grain wants plain non-negative ints.
+  return [int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(3)]
+
+
+def _finish(dataset: grain.MapDataset, local_device_count: int, output_keys: dict[str, str], *,
+            num_workers: int) -> grain.DatasetIterator:
+  threads = max(1, min(16, os.cpu_count() or 1))
+  # One batch per thread in flight: enough overlap, and bounded memory for large batches.
+  iter_dataset = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+  if num_workers > 0:
+    _allow_grain_multiprocessing()
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  iter_dataset = iter_dataset.map(
+      functools.partial(_to_device_layout, local_device_count=local_device_count,
+                        output_keys=output_keys))
+  return iter(iter_dataset)
+
+
+def _allow_grain_multiprocessing() -> None:
+  # grain's worker processes read absl flags; outside `app.run` (tests, notebooks) nothing has
+  # parsed them and grain would fail with UnparsedFlagAccessError.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _to_device_layout(batch: dict[str, np.ndarray], *, local_device_count: int,
+                      output_keys: dict[str, str]) -> dict[str, np.ndarray]:
+  out = {}
+  for out_key, key in output_keys.items():
+    value = batch[key]
+    if out_key == 'images':
+      value = np.asarray(ops_image.normalize(value), dtype=np.float32)
+      if 'mask' in batch:
+        value = value * batch['mask'][:, None, None, None]  # Padding stays exactly zero.
+    out[out_key] = value.reshape((local_device_count, -1) + value.shape[1:])
+  return out
+
+
+class _CropFlipAugment(grain.transforms.RandomMap):
+  """Encoded example -> uint8 training crop (and RandAugment when it precedes mixing)."""
+
+  def __init__(self, *, resolution: int, area_range: tuple[float, float], flip: bool,
+               randaugment_layers: int, randaugment_magnitude: float):
+    self.resolution = resolution
+    self.area_range = area_range
+    self.flip = flip
+    self.randaugment_layers = randaugment_layers
+    self.randaugment_magnitude = randaugment_magnitude
+
+  def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = ops_image.decode_random_resized_crop(
+        example['image'], rng, self.resolution, area_range=self.area_range)
+    if self.flip:
+      image = ops_image.random_flip(image, rng)
+    if self.randaugment_layers:
+      image = randaugment.randaugment(
+          image, rng, self.randaugment_layers, self.randaugment_magnitude)
+    return {'image': image, 'label': np.int32(example['label'])}
+
+
+class _MixAndAugmentBatch(grain.transforms.RandomMap):
+  """uint8 batch with integer labels -> mixed uint8 images and float32 soft targets."""
+
+  def __init__(self, *, num_classes: int, mix: str, mixup_alpha: float,
+               randaugment_layers: int, randaugment_magnitude: float):
+    self.num_classes = num_classes
+    self.mix = mix
+    self.mixup_alpha = mixup_alpha
+    self.randaugment_layers = randaugment_layers
+    self.randaugment_magnitude = randaugment_magnitude
+
+  def random_map(self, batch: dict[str, np.ndarray],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    images, labels = batch['image'], batch['label']
+    if np.any((labels < 0) | (labels >= self.num_classes)):
+      raise ValueError(f'Labels must lie in [0, {self.num_classes}); check num_classes against '
+                       'the dataset.')
+    if self.mix == 'mixup_cutmix':
+      images, targets = mix.mixup_cutmix(
+          images, labels, self.num_classes, rng, alpha=self.mixup_alpha)
+    else:
+      targets = np.eye(self.num_classes, dtype=np.float32)[labels]
+    if self.randaugment_layers:
+      images = np.stack([
+          randaugment.randaugment(image, rng, self.randaugment_layers, self.randaugment_magnitude)
+          for image in images])
+    return {'image': images, 'targets': np.asarray(targets, dtype=np.float32)}
+
+
+class _EvalPreprocess(grain.transforms.Map):
+  """Encoded example (or padding) -> resized, centre-cropped float32 image, label and mask."""
+
+  def __init__(self, resolution: int, margin: int):
+    self.resolution = resolution
+    self.margin = margin
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    if _PADDING_KEY in example:
+      return {'image': np.zeros((self.resolution, self.resolution, 3), np.float32),
+              'label': np.int32(0), 'mask': np.float32(0.0)}
+    image = ops_image.eval_resize_and_crop(
+        ops_image.decode_image(example['image']), self.resolution, margin=self.margin)
+    return {'image': np.asarray(image, np.float32), 'label': np.int32(example['label']),
+            'mask': np.float32(1.0)}
+
+
+# grain drops None elements as filtered, so padding travels as a marked dict.
+_PADDING_KEY = 'padding'
+
+
+class _PaddedHostSlice(Sequence):
+  """Examples process_index, process_index + process_count, ... then padding up to `length`."""
+
+  def __init__(self, source: Sequence[Any], process_index: int, process_count: int, length: int):
+    self._source = source
+    self._indices = range(process_index, len(source), process_count)
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self._length:
+      raise IndexError(f'index {index} out of range for {self._length} examples')
+    if index < len(self._indices):
+      return self._source[self._indices[index]]
+    return {_PADDING_KEY: True}
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return (self[index] for index in range(self._length))

@@ -1,0 +1,227 @@
+"""grain pipelines: batch layout, determinism, host sharding, exact resume, exhaustive eval."""
+import io
+from collections import Counter
+
+import grain
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from nfnets.data import digits
+from nfnets.data import ops_image
+from nfnets.data import pipeline
+from nfnets.data import sources
+
+NUM_CLASSES = 10
+
+
+def _data_config(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      name='synthetic', data_dir=None, train_split='train', eval_split='test',
+      train_resolution=16, eval_resolution=16, eval_resize_margin=4, crop_min_area=0.08,
+      flip=True, randaugment_layers=2, randaugment_magnitude=5.0, randaugment_after_mix=True,
+      mix='mixup_cutmix', mixup_alpha=0.2, num_workers=0))
+  config.update(overrides)
+  return config
+
+
+class IndexCodedSource:
+  """Flat-colour PNGs whose colour spells the example's index, so any crop still names it."""
+
+  def __init__(self, num_examples):
+    self._num_examples = num_examples
+
+  def __len__(self):
+    return self._num_examples
+
+  def __getitem__(self, index):
+    if not 0 <= index < self._num_examples:
+      raise IndexError(index)
+    pixel = np.array([index % 256, index // 256, 77], np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.broadcast_to(pixel, (12, 12, 3)).copy()).save(buffer, format='PNG')
+    return {'image': buffer.getvalue(), 'label': index % NUM_CLASSES}
+
+
+def _ids(images):
+  """Example indices of a batch of normalised flat images from IndexCodedSource."""
+  flat = images.reshape(-1, *images.shape[-3:])
+  raw = flat * ops_image.STDDEV_RGB + ops_image.MEAN_RGB
+  means = np.rint(raw.mean(axis=(1, 2))).astype(int)
+  assert np.all(means[:, 2] == 77), 'expected untouched flat images'
+  return list(means[:, 0] + 256 * means[:, 1])
+
+
+@pytest.fixture
+def coded_source(monkeypatch):
+  source = IndexCodedSource(60)
+  monkeypatch.setattr(sources, 'get_source', lambda data_config, split: source)
+  return source
+
+
+# Flat images must come through unchanged, so no mixing and no RandAugment.
+_IDENTITY_AUGMENT = dict(mix='none', randaugment_layers=0)
+
+
+def _train(config, **kwargs):
+  kwargs.setdefault('global_batch_size', 8)
+  kwargs.setdefault('seed', 0)
+  kwargs.setdefault('local_device_count', 2)
+  return pipeline.make_train_iterator(config, num_classes=NUM_CLASSES, **kwargs)
+
+
+def _take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def _assert_same_batches(first, second):
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_train_batch_layout_and_mixed_targets():
+  iterator = _train(_data_config())
+  batches = _take(iterator, 3)
+  low = (0 - ops_image.MEAN_RGB) / ops_image.STDDEV_RGB
+  high = (255 - ops_image.MEAN_RGB) / ops_image.STDDEV_RGB
+  for batch in batches:
+    assert set(batch) == {'images', 'labels'}
+    assert batch['images'].shape == (2, 4, 16, 16, 3) and batch['images'].dtype == np.float32
+    assert batch['labels'].shape == (2, 4, NUM_CLASSES) and batch['labels'].dtype == np.float32
+    assert np.all(batch['images'] >= low - 1e-4) and np.all(batch['images'] <= high + 1e-4)
+    np.testing.assert_allclose(batch['labels'].sum(-1), 1.0, atol=1e-5)
+    assert np.all(batch['labels'] >= 0)
+  # MixUp/CutMix must actually soften some targets.
+  assert any(np.any((b['labels'] > 1e-3) & (b['labels'] < 1 - 1e-3)) for b in batches)
+
+
+def test_without_mixing_targets_are_the_one_hot_labels(coded_source):
+  batch = next(_train(_data_config(**_IDENTITY_AUGMENT)))
+  ids = _ids(batch['images'])
+  expected = np.eye(NUM_CLASSES)[[coded_source[i]['label'] for i in ids]]
+  np.testing.assert_array_equal(batch['labels'].reshape(-1, NUM_CLASSES), expected)
+
+
+def test_training_is_deterministic_given_the_seed():
+  config = _data_config()
+  _assert_same_batches(_take(_train(config, seed=3), 2), _take(_train(config, seed=3), 2))
+  other = next(_train(config, seed=4))
+  assert not np.array_equal(other['images'], next(_train(config, seed=3))['images'])
+
+
+def test_hosts_see_disjoint_shards_covering_the_split_each_epoch(coded_source):
+  config = _data_config(**_IDENTITY_AUGMENT)
+  # 30 examples per host in batches of 6: five batches are exactly one epoch.
+  seen = {}
+  for host in (0, 1):
+    iterator = _train(config, global_batch_size=12, process_index=host, process_count=2)
+    seen[host] = sum((_ids(b['images']) for b in _take(iterator, 5)), [])
+    assert sorted(seen[host]) == list(range(host, len(coded_source), 2))
+  assert sorted(seen[0] + seen[1]) == list(range(len(coded_source)))
+
+
+def test_one_epoch_visits_every_example_of_the_host_then_reshuffles(coded_source):
+  config = _data_config(**_IDENTITY_AUGMENT)
+  iterator = _train(config, global_batch_size=6, local_device_count=2)  # 60 = 10 batches.
+  first_epoch = sum((_ids(b['images']) for b in _take(iterator, 10)), [])
+  second_epoch = sum((_ids(b['images']) for b in _take(iterator, 10)), [])
+  assert sorted(first_epoch) == sorted(second_epoch) == list(range(60))
+  assert first_epoch != second_epoch
+
+
+def test_resume_from_state_gives_the_exact_next_batch():
+  config = _data_config()
+  iterator = _train(config)
+  _take(iterator, 3)
+  state = iterator.get_state()
+  expected = _take(iterator, 2)
+  fresh = _train(config)
+  fresh.set_state(state)
+  _assert_same_batches(_take(fresh, 2), expected)
+
+
+def test_resume_through_an_orbax_checkpoint(tmp_path):
+  config = _data_config()
+  iterator = _train(config)
+  _take(iterator, 2)
+  with ocp.CheckpointManager(tmp_path, item_names=('data',)) as manager:
+    manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  expected = _take(iterator, 1)
+  with ocp.CheckpointManager(tmp_path, item_names=('data',)) as manager:
+    restored = manager.restore(
+        2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(_train(config))))
+  _assert_same_batches(_take(restored.data, 1), expected)
+
+
+def test_resume_with_worker_processes(coded_source):
+  config = _data_config(num_workers=1, **_IDENTITY_AUGMENT)
+  iterator = _train(config)
+  try:
+    single_process = _take(_train(_data_config(**_IDENTITY_AUGMENT)), 3)
+    _assert_same_batches(_take(iterator, 2), single_process[:2])
+    state = iterator.get_state()
+  finally:
+    iterator.close()
+  fresh = _train(config)
+  try:
+    fresh.set_state(state)
+    _assert_same_batches(_take(fresh, 1), single_process[2:])
+  finally:
+    fresh.close()
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3])
+def test_eval_visits_every_example_once_and_masks_padding(coded_source, process_count):
+  config = _data_config()
+  seen = []
+  for host in range(process_count):
+    kwargs = dict(global_batch_size=14 * process_count, process_count=process_count,
+                  local_device_count=2)
+    batches = list(pipeline.make_eval_iterator(config, process_index=host, **kwargs))
+    assert len(batches) == pipeline.num_eval_batches(config, **kwargs)
+    for batch in batches:
+      assert batch['images'].shape == (2, 7, 16, 16, 3) and batch['images'].dtype == np.float32
+      assert batch['labels'].dtype == np.int32 and batch['mask'].dtype == np.float32
+      real = batch['mask'].reshape(-1) == 1
+      assert np.all(batch['images'].reshape(-1, 16, 16, 3)[~real] == 0)
+      assert np.all(batch['labels'].reshape(-1)[~real] == 0)
+      ids = _ids(batch['images'].reshape(-1, 16, 16, 3)[real])
+      assert list(batch['labels'].reshape(-1)[real]) == [coded_source[i]['label'] for i in ids]
+      seen += ids
+  assert Counter(seen) == Counter(range(len(coded_source)))
+
+
+def test_eval_matches_the_direct_transform_on_digits(tmp_path):
+  config = _data_config(name='digits', data_dir=digits.prepare(str(tmp_path)), eval_resolution=24)
+  source = sources.get_source(config, 'test')
+  batches = list(pipeline.make_eval_iterator(config, global_batch_size=64, local_device_count=2))
+  assert len(batches) == -(-len(source) // 64)
+  images = np.concatenate([b['images'].reshape(-1, 24, 24, 3) for b in batches])
+  labels = np.concatenate([b['labels'].reshape(-1) for b in batches])
+  mask = np.concatenate([b['mask'].reshape(-1) for b in batches])
+  assert mask.sum() == len(source) and np.all(mask[:len(source)] == 1)
+  for index in (0, 17, len(source) - 1):
+    expected = ops_image.normalize(ops_image.eval_resize_and_crop(
+        ops_image.decode_image(source[index]['image']), 24, margin=4))
+    np.testing.assert_allclose(images[index], expected, rtol=1e-6, atol=1e-5)
+    assert labels[index] == source[index]['label']
+  train = next(_train(config.copy_and_resolve_references(), global_batch_size=8))
+  assert train['images'].shape == (2, 4, 16, 16, 3)
+
+
+def test_batch_sizes_that_do_not_split_evenly_are_rejected():
+  config = _data_config()
+  with pytest.raises(ValueError, match='multiple of the process count'):
+    _train(config, global_batch_size=9, process_count=2, process_index=0)
+  with pytest.raises(ValueError, match='divisible by the 2 local devices'):
+    _train(config, global_batch_size=6, process_count=2, process_index=0)
+  with pytest.raises(ValueError, match='Unknown config.data.mix'):
+    _train(_data_config(mix='cutout'))
+  with pytest.raises(ValueError, match='process_index'):
+    _train(config, process_index=2, process_count=2)
