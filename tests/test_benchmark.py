@@ -1,0 +1,63 @@
+"""Tests for scripts.benchmark: the input sub-command in a tiny mode, config loading."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scripts import benchmark
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, '-m', 'scripts.benchmark', *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_input_benchmark_prints_one_json_line(tmp_path):
+  config = tmp_path / 'tiny_config.py'
+  config.write_text(
+      'import ml_collections\n'
+      'def get_config(arg):\n'
+      '  c = ml_collections.ConfigDict()\n'
+      '  c.data = dict(train_resolution=int(arg), randaugment_layers=2,\n'
+      '                randaugment_magnitude=10.0, mix="mixup_cutmix", mixup_alpha=0.2)\n'
+      '  return c\n')
+  result = _run('input', '--config', f'{config}:48', '--num_images', '8', '--seconds', '0.1',
+                '--batch_size', '4', '--rounds', '1')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1
+  report = json.loads(lines[0])
+  assert report['benchmark'] == 'input' and report['train_resolution'] == 48
+  assert report['randaugment_layers'] == 2 and report['config'].endswith(':48')
+  for key in ('images_per_s', 'images_per_s_per_core', 'baseline_images_per_s_per_core',
+              'speedup_per_core'):
+    assert report[key] > 0, key
+  assert report['timed_images']['project'] % 4 == 0 and report['timed_images']['project'] >= 4
+
+
+def test_missing_config_falls_back_to_f0_defaults_and_says_so(tmp_path):
+  settings = benchmark.input_settings(str(tmp_path / 'absent.py') + ':F0')
+  assert settings['train_resolution'] == 192 and settings['randaugment_layers'] == 4
+  assert 'not found' in settings['config_source']
+
+
+def test_unknown_subcommand_and_bad_sizes_are_rejected():
+  assert _run('train_stepx').returncode != 0
+  assert _run('input', '--num_images', '0').returncode != 0
+
+
+def test_both_transforms_produce_normalised_batches_with_mixed_targets(tmp_path):
+  jpegs = benchmark.make_jpegs(4, str(tmp_path), seed=1)
+  assert len(list(tmp_path.glob('*.jpg'))) == 4
+  settings = dict(benchmark.DEFAULT_INPUT_SETTINGS, train_resolution=32)
+  labels = np.arange(4)
+  for transform in (benchmark.project_transform, benchmark.baseline_transform):
+    batch = transform(jpegs, labels, np.random.default_rng(0), settings)
+    assert batch['images'].shape == (4, 32, 32, 3) and batch['images'].dtype == np.float32
+    assert -3 < batch['images'].mean() < 3
+    np.testing.assert_allclose(batch['labels'].sum(axis=1), 1.0, rtol=1e-5)
