@@ -1,0 +1,192 @@
+"""NFNet models (Brock et al. 2021) with parameter names matching the public reference checkpoints.
+
+Module names of a model built with the default name (``i`` counts blocks over all stages,
+``nf_block`` being block 0, then ``nf_block_1``, ...)::
+
+  NFNet/~/stem_conv0 .. NFNet/~/stem_conv3        WSConv2D: w, gain, bias
+  NFNet/~/nf_block_i                              skip_gain
+  NFNet/~/nf_block_i/~/conv0                      1x1 WSConv2D, out_ch/2
+  NFNet/~/nf_block_i/~/conv1                      3x3 grouped WSConv2D, carries the stride
+  NFNet/~/nf_block_i/~/conv1b                     3x3 grouped WSConv2D
+  NFNet/~/nf_block_i/~/conv2                      1x1 WSConv2D, out_ch
+  NFNet/~/nf_block_i/~/conv_shortcut              1x1 WSConv2D (first block of each stage only)
+  NFNet/~/nf_block_i/~/squeeze_excite/~/linear    Linear: w, b (out_ch -> out_ch*se_ratio)
+  NFNet/~/nf_block_i/~/squeeze_excite/~/linear_1  Linear: w, b (-> out_ch)
+  NFNet/~/final_conv                              1x1 WSConv2D to 2x the last stage width
+  NFNet/~/linear                                  classifier: w, b
+"""
+from typing import Any, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets import layers
+
+WIDTHS = (256, 512, 1536, 1536)
+WIDE_WIDTHS = (384, 768, 2048, 2048)
+STRIDES = (1, 2, 2, 2)
+
+
+def _variant(depth_multiple: int, train_imsize: int, test_imsize: int, magnitude: int,
+             drop_rate: float) -> dict[str, Any]:
+  return dict(depths=tuple(d * depth_multiple for d in (1, 2, 6, 3)), train_imsize=train_imsize,
+              test_imsize=test_imsize, randaugment_magnitude=magnitude, drop_rate=drop_rate)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    'F0': _variant(1, 192, 256, 5, 0.2),
+    'F1': _variant(2, 224, 320, 10, 0.3),
+    'F2': _variant(3, 256, 352, 10, 0.4),
+    'F3': _variant(4, 320, 416, 15, 0.4),
+    'F4': _variant(5, 384, 512, 15, 0.5),
+    'F5': _variant(6, 416, 544, 15, 0.5),
+    'F6': _variant(7, 448, 576, 15, 0.5),
+    'F7': _variant(8, 480, 608, 15, 0.5),
+}
+# Wide variants share depths and recipe with their base variant, only the stage widths differ.
+VARIANTS.update({f'{name}+': dict(cfg, widths=WIDE_WIDTHS) for name, cfg in list(VARIANTS.items())})
+
+
+def get_variant(variant: str) -> dict[str, Any]:
+  """The VARIANTS entry for `variant`, with a clear error for unknown names."""
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown NFNet variant {variant!r}; known variants: {", ".join(VARIANTS)}.')
+  return VARIANTS[variant]
+
+
+def _channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(mean over channels of the squared channel mean, mean over channels of the channel variance)."""
+  x = x.astype(jnp.float32)
+  return jnp.mean(jnp.square(jnp.mean(x, axis=(0, 1, 2)))), jnp.mean(jnp.var(x, axis=(0, 1, 2)))
+
+
+class NFBlock(hk.Module):
+  """Bottleneck NF block: act(x)*beta -> 1x1 -> 3x3 (grouped, strided) -> 3x3 (grouped) -> 1x1 -> SE.
+
+  Output is ``residual * skip_gain * alpha + shortcut``; `__call__` returns (output, residual
+  branch before stochastic depth and skip gain).
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, beta: float = 1.0,
+               alpha: float = 0.2, se_ratio: float = 0.5, group_width: int = 128,
+               stochdepth_rate: float = 0.0, activation: str = 'gelu',
+               grouped_conv: str = 'auto', name: str | None = None):
+    super().__init__(name=name)
+    self.in_channels = in_channels
+    self.out_channels = out_channels
+    self.stride = stride
+    self.beta = beta
+    self.alpha = alpha
+    self.stochdepth_rate = stochdepth_rate
+    self.activation = layers.get_activation(activation)
+    width = int(out_channels * 0.5)
+    # Whole groups of `group_width` channels; a bottleneck narrower than one group is one group.
+    groups = max(1, width // group_width)
+    if width >= group_width:
+      width = groups * group_width
+    conv = lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
+        ch, k, stride=stride, feature_group_count=groups, grouped_conv=grouped_conv, name=name)
+    self.conv0 = conv(width, 1, 'conv0')
+    self.conv1 = conv(width, 3, 'conv1', stride=stride, groups=groups)
+    self.conv1b = conv(width, 3, 'conv1b', groups=groups)
+    self.conv2 = conv(out_channels, 1, 'conv2')
+    self.has_shortcut_conv = stride > 1 or in_channels != out_channels
+    if self.has_shortcut_conv:
+      self.conv_shortcut = conv(out_channels, 1, 'conv_shortcut')
+    self.squeeze_excite = layers.SqueezeExcite(out_channels, se_ratio)
+
+  def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
+    out = self.activation(x) * jnp.asarray(self.beta, x.dtype)
+    if self.stride > 1:
+      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME')
+      shortcut = self.conv_shortcut(shortcut)
+    elif self.has_shortcut_conv:
+      shortcut = self.conv_shortcut(out)
+    else:
+      shortcut = x
+    out = self.conv0(out)
+    out = self.conv1(self.activation(out))
+    out = self.conv1b(self.activation(out))
+    out = self.conv2(self.activation(out))
+    residual = 2 * self.squeeze_excite(out).astype(out.dtype) * out
+    out = layers.stochastic_depth(residual, self.stochdepth_rate, is_training)
+    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
+    out = out * skip_gain.astype(out.dtype)
+    return out * jnp.asarray(self.alpha, out.dtype) + shortcut, residual
+
+
+class NFNet(hk.Module):
+  """Normaliser-free ResNet (NFNet-F0..F7, wide 'F0+'..'F7+').
+
+  Call as ``model(images_nhwc, is_training)`` inside `hk.transform`; returns logits, or with
+  ``return_metrics=True`` a dict with 'logits', 'pooled_features' and 'signal_propagation'
+  ({block module name: {'avg_sq_mean', 'avg_var', 'res_avg_var'}}, float32 scalars of the
+  block output's channel statistics and of the residual branch's variance).
+
+  `width` multiplies the stage widths; `depths`/`widths` override the variant's. `grouped_conv`
+  picks how grouped 3x3 convs run: 'native' (one grouped conv), 'split' (one conv per group,
+  same parameters and results; much faster on XLA CPU) or 'auto' (split on CPU only).
+  """
+
+  def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0,
+               alpha: float = 0.2, se_ratio: float = 0.5, stochdepth_rate: float = 0.25,
+               drop_rate: float | None = None, activation: str = 'gelu',
+               depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
+               group_width: int = 128, grouped_conv: str = 'auto', name: str = 'NFNet'):
+    super().__init__(name=name)
+    config = get_variant(variant)
+    self.num_classes = num_classes
+    self.depths = tuple(depths if depths is not None else config['depths'])
+    base_widths = widths if widths is not None else config.get('widths', WIDTHS)
+    self.widths = tuple(int(w * width) for w in base_widths)
+    if len(self.depths) != len(STRIDES) or len(self.widths) != len(STRIDES):
+      raise ValueError(f'depths and widths need {len(STRIDES)} stages, got {self.depths} and '
+                       f'{self.widths}.')
+    self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
+    self.activation = layers.get_activation(activation)
+    conv = lambda ch, stride, name: layers.WSConv2D(ch, 3, stride=stride, name=name)
+    self.stem = [conv(16, 2, 'stem_conv0'), conv(32, 1, 'stem_conv1'),
+                 conv(64, 1, 'stem_conv2'), conv(self.widths[0] // 2, 2, 'stem_conv3')]
+    self.blocks = []
+    num_blocks = sum(self.depths)
+    channels = self.widths[0] // 2
+    expected_std = 1.0
+    for stage_width, depth, stride in zip(self.widths, self.depths, STRIDES):
+      for index_in_stage in range(depth):
+        self.blocks.append(NFBlock(
+            channels, stage_width, stride=stride if index_in_stage == 0 else 1,
+            beta=1.0 / expected_std, alpha=alpha, se_ratio=se_ratio, group_width=group_width,
+            stochdepth_rate=stochdepth_rate * len(self.blocks) / num_blocks,
+            activation=activation, grouped_conv=grouped_conv))
+        channels = stage_width
+        if index_in_stage == 0:
+          expected_std = 1.0
+        expected_std = (expected_std**2 + alpha**2)**0.5
+    self.final_conv = layers.WSConv2D(2 * channels, 1, name='final_conv')
+    self.linear = hk.Linear(num_classes, w_init=hk.initializers.RandomNormal(0.01), name='linear')
+
+  def __call__(self, x: jax.Array, is_training: bool, return_metrics: bool = False):
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f'NFNet expects NHWC RGB images, got shape {x.shape}.')
+    for i, stem_conv in enumerate(self.stem):
+      x = stem_conv(x)
+      if i < len(self.stem) - 1:
+        x = self.activation(x)
+    signal = {}
+    for block in self.blocks:
+      x, residual = block(x, is_training)
+      if return_metrics:
+        avg_sq_mean, avg_var = _channel_stats(x)
+        signal[block.module_name] = dict(avg_sq_mean=avg_sq_mean, avg_var=avg_var,
+                                         res_avg_var=_channel_stats(residual)[1])
+    x = self.activation(self.final_conv(x))
+    pooled = jnp.mean(x, axis=(1, 2))
+    if is_training and self.drop_rate > 0:
+      pooled_for_head = hk.dropout(hk.next_rng_key(), self.drop_rate, pooled)
+    else:
+      pooled_for_head = pooled
+    logits = self.linear(pooled_for_head)
+    if return_metrics:
+      return dict(logits=logits, pooled_features=pooled, signal_propagation=signal)
+    return logits
