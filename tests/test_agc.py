@@ -170,7 +170,7 @@ def test_clipped_fraction_found_through_wrappers_and_none_without_agc():
       optax.chain(agc.adaptive_grad_clip(LAMBDA), optax.adam(1e-3)),
       optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True)
   state = wrapped.init(params)
-  _, state = wrapped.update(grads, state, params, grad_fn=lambda p, _: grads)
+  _, state = jax.jit(lambda g, s, p: wrapped.update(g, s, p, grad_fn=lambda q, _: g))(grads, state, params)
   expected = sum(numpy_agc(grads[m][n], params[m][n])[1] for m in params for n in params[m]
                  if (m, n) != ('NFNet/~/linear', 'w'))
   units = sum(num_units(params[m][n].shape) for m in params for n in params[m]) - 10
@@ -187,3 +187,15 @@ def test_update_without_params_and_bad_settings_raise():
     agc.adaptive_grad_clip(0.0)
   with pytest.raises(ValueError, match='eps'):
     agc.adaptive_grad_clip(0.01, eps=0.0)
+
+
+def test_exclusion_mask_on_a_real_nfnet_param_tree():
+  import haiku as hk
+  from nfnets import nfnet
+  forward = hk.transform(lambda x: nfnet.NFNet(num_classes=10, variant='F0', depths=(1, 1, 1, 1),
+                                               widths=(32, 64, 96, 128))(x, is_training=True))
+  shapes = jax.eval_shape(forward.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  mask = agc.path_mask(shapes, lambda path, _: agc.is_final_classifier_weight(path))
+  excluded = [(m, n) for m in mask for n in mask[m] if mask[m][n]]
+  assert excluded == [('NFNet/~/linear', 'w')]
+  assert any('squeeze_excite' in m for m in mask)  # the nested linears were there to be (not) matched
