@@ -11,7 +11,7 @@ follow the TensorFlow (tensorflow/tpu autoaugment) code the reference used:
 | AutoContrast, Equalize, Invert | none | - | - |
 | Rotate | 30 * M / 10 degrees, random sign | 0 | +-30 |
 | Posterize | keep int(4 * M / 10) high bits (at least 1, as TF clamps the shift to 7) | 1 bit | 4 bits |
-| Solarize | invert pixels >= int(256 * M / 10) | all inverted | 255 inverted |
+| Solarize | invert pixels >= int(256 * M / 10) | all inverted | none inverted |
 | SolarizeAdd | add int(110 * M / 10) to pixels < 128, clip | identity | +110 |
 | Color, Contrast, Brightness, Sharpness | blend factor 1.8 * M / 10 + 0.1 (1 = identity) | 0.1 | 1.9 |
 | ShearX, ShearY | 0.3 * M / 10, random sign | 0 | +-0.3 |
@@ -97,6 +97,9 @@ def _affine(image: Image.Image, coefficients: Tuple[float, ...]) -> Image.Image:
   # Coefficients map output (x, y) to input (a x + b y + c, d x + e y + f), as TF's transform does.
   return image.transform(image.size, Image.AFFINE, coefficients, resample=Image.NEAREST,
                          fillcolor=FILL)
+
+
+# The ops: (PIL RGB image, argument from LEVEL_TO_ARG, numpy Generator) -> new PIL RGB image.
 
 
 def auto_contrast(image, arg, rng):
