@@ -1,0 +1,223 @@
+"""Safe loading of the published NFNet reference checkpoints (F0_haiku.npz ... F6_haiku.npz).
+
+The files are Python pickles (written with dill) of a Haiku params dict. Unpickling normally runs
+any callable the file names, so this loader uses an unpickler that can only rebuild plain
+containers, numpy arrays, dtypes and scalars; any other global is refused before anything runs.
+The tree is then checked against the architecture of the variant it describes.
+"""
+import copy
+import functools
+import importlib
+import io
+import math
+import os
+import pickle
+import re
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets import nfnet
+
+Params = dict[str, dict[str, np.ndarray]]
+
+_ROOT = 'NFNet'
+_CLASSIFIER = f'{_ROOT}/~/linear'
+_BLOCK_RE = re.compile(rf'^{_ROOT}/~/nf_block(?:_(\d+))?(?:/~/.*)?$')
+_KNOWN_MODULE_RE = re.compile(
+    rf'^{_ROOT}/~/(?:stem_conv[0-3]|final_conv|linear|nf_block(?:_\d+)?'
+    r'(?:/~/(?:conv0|conv1|conv1b|conv2|conv_shortcut|squeeze_excite/~/linear(?:_1)?))?)$')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file is unreadable, unsafe, or does not match the NFNet architecture."""
+
+
+def _numpy_module(name: str):
+  """numpy 2 moved numpy.core to numpy._core; pickles from either era name one or the other."""
+  try:
+    return importlib.import_module(name.replace('numpy.core', 'numpy._core'))
+  except ImportError:
+    return importlib.import_module(name.replace('numpy._core', 'numpy.core'))
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+  """Stand-in for `_codecs.encode`, which protocol-2 pickles use to carry bytes as latin-1 text."""
+  if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+    raise CheckpointError('refused _codecs.encode call that is not a latin-1 bytes literal.')
+  return text.encode('latin1')
+
+
+def _dill_create_array(build, args, state, npdict=None) -> np.ndarray:
+  """Stand-in for dill's `_create_array`, which dill uses to pickle every numpy array."""
+  if build is not _SAFE_GLOBALS[('numpy._core.multiarray', '_reconstruct')]:
+    raise CheckpointError('refused dill _create_array with a constructor other than '
+                          'numpy _reconstruct.')
+  if npdict:
+    raise CheckpointError('refused dill _create_array carrying extra array attributes.')
+  array = build(*args)
+  array.__setstate__(state)
+  return array
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
+    ('_codecs', 'encode'): _latin1_encode,
+}
+for _era in ('numpy.core', 'numpy._core'):
+  _SAFE_GLOBALS[(f'{_era}.multiarray', '_reconstruct')] = (
+      _numpy_module('numpy._core.multiarray')._reconstruct)
+  _SAFE_GLOBALS[(f'{_era}.multiarray', 'scalar')] = _numpy_module('numpy._core.multiarray').scalar
+  _SAFE_GLOBALS[(f'{_era}.numeric', '_frombuffer')] = (
+      _numpy_module('numpy._core.numeric')._frombuffer)
+for _dill_module in ('dill._dill', 'dill.dill'):  # dill >= 0.3 and older releases.
+  _SAFE_GLOBALS[(_dill_module, '_create_array')] = _dill_create_array
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Resolves only the globals in `_SAFE_GLOBALS`; everything else is refused unexecuted."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    try:
+      return _SAFE_GLOBALS[(module, name)]
+    except KeyError:
+      raise CheckpointError(
+          f'refused to load global {module}.{name}: only numpy arrays and plain containers '
+          'are allowed in a checkpoint.') from None
+
+  def persistent_load(self, pid: Any) -> Any:
+    raise CheckpointError(f'refused persistent id {pid!r} in checkpoint.')
+
+
+def safe_unpickle(data: bytes) -> Any:
+  """Unpickles `data` allowing only containers, numpy arrays, dtypes and scalars."""
+  try:
+    return _RestrictedUnpickler(io.BytesIO(data)).load()
+  except CheckpointError:
+    raise
+  except (EOFError, pickle.UnpicklingError) as e:
+    raise CheckpointError(f'checkpoint is truncated or not a pickle ({e}).') from None
+  except Exception as e:  # Malformed arguments to the allowed constructors.
+    raise CheckpointError(f'checkpoint is corrupt: {type(e).__name__}: {e}') from None
+
+
+def _as_params(tree: Any) -> Params:
+  if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
+    raise CheckpointError('checkpoint is not a Haiku params dict {module: {param: array}}.')
+  params = {}
+  for module, module_params in tree.items():
+    params[module] = {}
+    for name, value in module_params.items():
+      if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+        raise CheckpointError(f'{module}/{name} is not a floating-point array '
+                              f'(got {type(value).__name__} {getattr(value, "dtype", "")}).')
+      params[module][name] = np.ascontiguousarray(value, dtype=np.float32)
+  return params
+
+
+def _check_module_names(params: Params) -> None:
+  unknown = sorted(m for m in params if not _KNOWN_MODULE_RE.match(m))
+  if unknown:
+    raise CheckpointError(f'unknown module {unknown[0]!r} in checkpoint '
+                          f'({len(unknown)} unknown in all); expected NFNet reference names.')
+
+
+def _block_index(module: str) -> int | None:
+  match = _BLOCK_RE.match(module)
+  if match is None:
+    return None
+  return int(match.group(1) or 0)
+
+
+def num_classes_of(params: Params) -> int:
+  """Number of classes of the classifier in an NFNet params dict."""
+  try:
+    return int(params[_CLASSIFIER]['w'].shape[-1])
+  except KeyError:
+    raise CheckpointError(f'checkpoint has no classifier {_CLASSIFIER}/w.') from None
+
+
+def infer_variant(params: Params) -> str:
+  """Name of the NFNet variant ('F0'..'F7', 'F0+'..'F7+') whose architecture `params` describe."""
+  _check_module_names(params)
+  indices = {_block_index(m) for m in params} - {None}
+  if not indices or indices != set(range(max(indices) + 1)):
+    raise CheckpointError(f'checkpoint blocks are not numbered 0..n-1 (found {sorted(indices)}).')
+  block_name = lambda i: f'{_ROOT}/~/nf_block' + (f'_{i}' if i else '')
+  stage_starts = [i for i in sorted(indices) if f'{block_name(i)}/~/conv_shortcut' in params]
+  if not stage_starts or stage_starts[0] != 0:
+    raise CheckpointError('checkpoint block 0 has no conv_shortcut; not an NFNet tree.')
+  depths = tuple(np.diff(stage_starts + [len(indices)]).tolist())
+  try:
+    widths = tuple(int(params[f'{block_name(i)}/~/conv2']['w'].shape[-1]) for i in stage_starts)
+  except KeyError as e:
+    raise CheckpointError(f'checkpoint is missing a block conv2 weight: {e}.') from None
+  for name, config in nfnet.VARIANTS.items():
+    if config['depths'] == depths and config.get('widths', nfnet.WIDTHS) == widths:
+      return name
+  raise CheckpointError(f'no NFNet variant has depths {depths} and widths {widths}.')
+
+
+def expected_shapes(variant: str, num_classes: int = 1000) -> dict[str, dict[str, tuple]]:
+  """Parameter shapes of NFNet `variant`, from abstract initialisation (nothing is allocated)."""
+  return copy.deepcopy(_expected_shapes(variant, num_classes))
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_shapes(variant: str, num_classes: int) -> dict[str, dict[str, tuple]]:
+  model = hk.transform(lambda x: nfnet.NFNet(num_classes, variant)(x, is_training=False))
+  image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
+  return {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in abstract.items()}
+
+
+def check_params(params: Params, variant: str) -> None:
+  """Raises CheckpointError unless `params` has exactly the modules and shapes of `variant`."""
+  _check_module_names(params)
+  expected = expected_shapes(variant, num_classes_of(params))
+  missing = sorted(set(expected) - set(params))
+  extra = sorted(set(params) - set(expected))
+  if missing:
+    raise CheckpointError(f'checkpoint is missing module {missing[0]!r} of NFNet-{variant} '
+                          f'({len(missing)} missing in all).')
+  if extra:
+    raise CheckpointError(f'checkpoint has module {extra[0]!r} that NFNet-{variant} lacks '
+                          f'({len(extra)} extra in all).')
+  for module, shapes in expected.items():
+    if set(params[module]) != set(shapes):
+      raise CheckpointError(f'{module} has params {sorted(params[module])}, expected '
+                            f'{sorted(shapes)}.')
+    for name, shape in shapes.items():
+      if params[module][name].shape != shape:
+        raise CheckpointError(f'{module}/{name} has shape {params[module][name].shape}, '
+                              f'expected {shape} for NFNet-{variant}.')
+
+
+def load_official_params(path: str | os.PathLike, variant: str | None = None
+                         ) -> tuple[Params, str]:
+  """Loads a reference checkpoint safely; returns (params, variant name).
+
+  The params (float32 numpy arrays) feed straight into
+  ``hk.transform(lambda x: NFNet(num_classes, variant)(x, is_training=False)).apply``, with
+  ``num_classes = num_classes_of(params)``. If `variant` is given the file must match it.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'checkpoint {os.fspath(path)!r} does not exist; download the '
+                            'F*_haiku.npz file first.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  params = _as_params(safe_unpickle(data))
+  found = infer_variant(params)
+  if variant is not None and variant != found:
+    raise CheckpointError(f'checkpoint holds NFNet-{found}, not the requested NFNet-{variant}.')
+  check_params(params, found)
+  return params, found
+
+
+def param_count(params: Params) -> int:
+  """Total number of scalars in a params dict."""
+  return sum(math.prod(a.shape) for p in params.values() for a in p.values())
