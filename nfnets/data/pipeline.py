@@ -2,8 +2,8 @@
 
 Training (per host): this host's slice of the split -> shuffle (reshuffled every epoch) -> repeat
 -> per example: decode with random-resized crop, flip (and RandAugment when it runs before mixing)
--> batch -> per batch: MixUp/CutMix, RandAugment after mixing -> thread prefetch (optionally
-worker processes) -> normalise and reshape to [local_devices, per_device, ...].
+-> batch -> per batch: MixUp/CutMix, RandAugment after mixing, normalise -> thread prefetch
+(optionally worker processes) -> reshape to [local_devices, per_device, ...].
 
 Every random choice is derived from (seed, host, example position), so a run is deterministic,
 and the returned iterator's state (a small JSON-able dict) restores it exactly, also through
@@ -13,8 +13,8 @@ Evaluation visits each example of this host's slice once, in order, then pads wi
 zero examples so that every host yields the same number of full batches (`num_eval_batches`),
 which keeps multi-host collectives in step.
 
-Batches are uint8 until the last step (normalisation runs as the iterator hands a batch out), so
-prefetch buffers stay a quarter of the size of float32 ones.
+Normalisation runs inside the parallel stages (prefetch threads or worker processes), so the
+consumer's thread only reshapes; prefetch buffers are bounded to one batch per thread.
 """
 import functools
 import math
@@ -192,10 +192,6 @@ def _to_device_layout(batch: dict[str, np.ndarray], *, local_device_count: int,
   out = {}
   for out_key, key in output_keys.items():
     value = batch[key]
-    if out_key == 'images':
-      value = np.asarray(ops_image.normalize(value), dtype=np.float32)
-      if 'mask' in batch:
-        value = value * batch['mask'][:, None, None, None]  # Padding stays exactly zero.
     out[out_key] = value.reshape((local_device_count, -1) + value.shape[1:])
   return out
 
@@ -223,7 +219,7 @@ class _CropFlipAugment(grain.transforms.RandomMap):
 
 
 class _MixAndAugmentBatch(grain.transforms.RandomMap):
-  """uint8 batch with integer labels -> mixed uint8 images and float32 soft targets."""
+  """uint8 batch with integer labels -> mixed, normalised float32 images and soft targets."""
 
   def __init__(self, *, num_classes: int, mix: str, mixup_alpha: float,
                randaugment_layers: int, randaugment_magnitude: float):
@@ -248,11 +244,12 @@ class _MixAndAugmentBatch(grain.transforms.RandomMap):
       images = np.stack([
           randaugment.randaugment(image, rng, self.randaugment_layers, self.randaugment_magnitude)
           for image in images])
-    return {'image': images, 'targets': np.asarray(targets, dtype=np.float32)}
+    return {'image': np.asarray(ops_image.normalize(images), np.float32),
+            'targets': np.asarray(targets, dtype=np.float32)}
 
 
 class _EvalPreprocess(grain.transforms.Map):
-  """Encoded example (or padding) -> resized, centre-cropped float32 image, label and mask."""
+  """Encoded example (or padding) -> normalised eval image, label and mask (padding: zeros)."""
 
   def __init__(self, resolution: int, margin: int):
     self.resolution = resolution
@@ -264,8 +261,8 @@ class _EvalPreprocess(grain.transforms.Map):
               'label': np.int32(0), 'mask': np.float32(0.0)}
     image = ops_image.eval_resize_and_crop(
         ops_image.decode_image(example['image']), self.resolution, margin=self.margin)
-    return {'image': np.asarray(image, np.float32), 'label': np.int32(example['label']),
-            'mask': np.float32(1.0)}
+    return {'image': np.asarray(ops_image.normalize(image), np.float32),
+            'label': np.int32(example['label']), 'mask': np.float32(1.0)}
 
 
 # grain drops None elements as filtered, so padding travels as a marked dict.
