@@ -110,7 +110,10 @@ def prepare_imagenet(manual_dir: str, data_dir: str | None = None) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  data_dir = prepare_imagenet(_MANUAL_DIR.value, _DATA_DIR.value)
+  try:
+    data_dir = prepare_imagenet(_MANUAL_DIR.value, _DATA_DIR.value)
+  except FileNotFoundError as error:
+    raise SystemExit(f'prepare_imagenet: {error}') from None
   logging.info('imagenet2012 is ready under %s', data_dir)
   print(f'imagenet2012 is ready; train with config.data.data_dir={data_dir}')
 
