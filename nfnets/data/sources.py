@@ -4,11 +4,11 @@ Every source is a sequence (`len`, `[index]`) of `{'image': encoded image bytes,
 Images stay encoded so that the training pipeline can crop before it decodes, and so that all
 three sources go through the same decoding code.
 """
-import glob
 import io
 import os
 from typing import Any, NamedTuple, Sequence
 
+from etils import epath
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -89,15 +89,16 @@ def _checked_name(data_config: ml_collections.ConfigDict) -> str:
 
 
 def _require_array_record(tfds_name: str, data_dir: str) -> None:
-  versions = sorted(glob.glob(os.path.join(data_dir, tfds_name, '*', 'dataset_info.json')))
+  # epath, not glob: data_dir may be a bucket (gs://...) on cloud hosts.
+  versions = sorted(str(p) for p in (epath.Path(data_dir) / tfds_name).glob('*/dataset_info.json'))
   prepare_hint = (f'prepare it once with `python -m scripts.prepare_imagenet '
                   f'--manual_dir DIR_WITH_ILSVRC2012_TARS --data_dir {data_dir}`')
   if not versions:
     raise DataNotFoundError(
         f'{tfds_name} not found under {data_dir} (set config.data.data_dir or $TFDS_DATA_DIR); '
         f'{prepare_hint}.')
-  version_dir = os.path.dirname(versions[-1])
-  if not glob.glob(os.path.join(version_dir, '*.array_record-*')):
+  version_dir = epath.Path(versions[-1]).parent
+  if not any(version_dir.glob('*.array_record-*')):
     raise DataNotFoundError(
         f'{tfds_name} under {version_dir} has no array_record files (prepared as TFRecord?); '
         f'{prepare_hint}.')
