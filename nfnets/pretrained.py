@@ -25,7 +25,7 @@ from nfnets import nfnet
 Params = dict[str, dict[str, np.ndarray]]
 
 _ROOT = 'NFNet'
-_CLASSIFIER = f'{_ROOT}/~/linear'
+CLASSIFIER_MODULE = f'{_ROOT}/~/linear'
 _BLOCK_RE = re.compile(rf'^{_ROOT}/~/nf_block(?:_(\d+))?(?:/~/.*)?$')
 _KNOWN_MODULE_RE = re.compile(
     rf'^{_ROOT}/~/(?:stem_conv[0-3]|final_conv|linear|nf_block(?:_\d+)?'
@@ -112,10 +112,11 @@ def _as_params(tree: Any) -> Params:
   for module, module_params in tree.items():
     params[module] = {}
     for name, value in module_params.items():
-      if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+      if not isinstance(value, (np.ndarray, np.floating)) or not np.issubdtype(value.dtype,
+                                                                            np.floating):
         raise CheckpointError(f'{module}/{name} is not a floating-point array '
                               f'(got {type(value).__name__} {getattr(value, "dtype", "")}).')
-      params[module][name] = np.ascontiguousarray(value, dtype=np.float32)
+      params[module][name] = np.asarray(value).astype(np.float32, order='C', copy=False)
   return params
 
 
@@ -136,9 +137,9 @@ def _block_index(module: str) -> int | None:
 def num_classes_of(params: Params) -> int:
   """Number of classes of the classifier in an NFNet params dict."""
   try:
-    return int(params[_CLASSIFIER]['w'].shape[-1])
+    return int(params[CLASSIFIER_MODULE]['w'].shape[-1])
   except KeyError:
-    raise CheckpointError(f'checkpoint has no classifier {_CLASSIFIER}/w.') from None
+    raise CheckpointError(f'checkpoint has no classifier {CLASSIFIER_MODULE}/w.') from None
 
 
 def infer_variant(params: Params) -> str:

@@ -104,5 +104,5 @@ def random_params(shapes, seed=0):
         value = rng.uniform(0.5, 1.5, shape)
       else:  # 'bias', 'b'
         value = rng.normal(0.0, 0.2, shape)
-      params[module][name] = value.astype(np.float32)
+      params[module][name] = np.asarray(value, np.float32)
   return params
