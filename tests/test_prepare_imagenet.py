@@ -57,9 +57,7 @@ def _make_fake_archives(manual_dir):
 
 
 def _tfds_label_names():
-  import tensorflow_datasets as tfds
   from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
-  del tfds
   with open(imagenet_common.label_names_file()) as f:
     return f.read().split()
 
