@@ -4,6 +4,7 @@ import math
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
 import pytest
 
@@ -168,3 +169,19 @@ def test_eval_mode_ignores_rng_and_training_needs_it(small_eval):
   assert logits.shape == (48, 10)
   with pytest.raises(ValueError, match='PRNGKey'):
     jax.eval_shape(lambda p, x: model.apply(p, None, x, True), params, images)
+
+
+def test_bfloat16_policy_gives_float32_logits_close_to_float32(small_eval):
+  _, params, images = small_eval
+  policy = jmp.get_policy('params=float32,compute=bfloat16,output=float32')
+
+  def forward(x):
+    with hk.mixed_precision.push_policy(nfnet.NFNet, policy):
+      return nfnet.NFNet(10, **SMALL)(x, is_training=False)
+
+  model = hk.without_apply_rng(hk.transform(forward))
+  mixed = jax.jit(model.apply)(params, images)
+  exact = jax.jit(reference_forward.forward, static_argnums=2)(params, images, SMALL['depths'])
+  assert mixed.dtype == jnp.float32
+  rel = float(jnp.abs(mixed - exact).max() / jnp.abs(exact).max())
+  assert 1e-4 < rel < 0.05  # bf16 rounding is visible (the policy took effect) but small.
