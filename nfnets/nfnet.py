@@ -56,13 +56,13 @@ def get_variant(variant: str) -> dict[str, Any]:
 
 
 def _channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(mean over channels of the squared channel mean, mean over channels of the channel variance)."""
+  """(channel-averaged squared channel mean, channel-averaged channel variance) over N, H, W."""
   x = x.astype(jnp.float32)
   return jnp.mean(jnp.square(jnp.mean(x, axis=(0, 1, 2)))), jnp.mean(jnp.var(x, axis=(0, 1, 2)))
 
 
 class NFBlock(hk.Module):
-  """Bottleneck NF block: act(x)*beta -> 1x1 -> 3x3 (grouped, strided) -> 3x3 (grouped) -> 1x1 -> SE.
+  """NF block: act(x)*beta -> 1x1 -> 3x3 (grouped, strided) -> 3x3 (grouped) -> 1x1 -> SE.
 
   Output is ``residual * skip_gain * alpha + shortcut``; `__call__` returns (output, residual
   branch before stochastic depth and skip gain).

@@ -1,4 +1,4 @@
-"""Tests for nfnets.nfnet: names, variants, reference equivalence, training behaviour, signal flow."""
+"""Tests for nfnets.nfnet: names, variants, reference equivalence, training mode, signal flow."""
 import math
 
 import haiku as hk

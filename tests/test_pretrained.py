@@ -171,11 +171,13 @@ def test_wrong_trees_are_rejected_with_the_culprit_named():
     pretrained.check_params(tree, 'F0')
   tree = _zeros_tree('F0')
   tree['NFNet/~/nf_block/~/attention'] = {'w': np.zeros((2,), np.float32)}
-  with pytest.raises(pretrained.CheckpointError, match="unknown module 'NFNet/~/nf_block/~/attention'"):
+  with pytest.raises(pretrained.CheckpointError,
+                     match="unknown module 'NFNet/~/nf_block/~/attention'"):
     pretrained.check_params(tree, 'F0')
   tree = _zeros_tree('F0')
   del tree['NFNet/~/nf_block_4/~/squeeze_excite/~/linear_1']
-  with pytest.raises(pretrained.CheckpointError, match="missing module.*nf_block_4/~/squeeze_excite"):
+  with pytest.raises(pretrained.CheckpointError,
+                     match="missing module.*nf_block_4/~/squeeze_excite"):
     pretrained.check_params(tree, 'F0')
   tree = _zeros_tree('F0')
   tree['NFNet/~/nf_block_13/~/conv0'] = tree['NFNet/~/nf_block_11/~/conv0']
@@ -199,7 +201,8 @@ def test_f0_checkpoint_loads_and_matches_reference_forward(tmp_path):
   with pytest.raises(pretrained.CheckpointError, match='holds NFNet-F0, not the requested'):
     pretrained.load_official_params(path, variant='F1')
 
-  model = hk.transform(lambda x: nfnet.NFNet(num_classes=1000, variant=variant)(x, is_training=False))
+  model = hk.transform(
+      lambda x: nfnet.NFNet(num_classes=1000, variant=variant)(x, is_training=False))
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   logits = jax.jit(model.apply)(loaded, None, images)
   expected = jax.jit(reference_forward.forward, static_argnums=2)(loaded, images,
