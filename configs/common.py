@@ -1,0 +1,95 @@
+"""Pieces shared by every config: the recipe's defaults, grouped as the library reads them.
+
+Each `*_config()` returns a fresh ConfigDict holding the paper's numbers; variant configs change only what
+differs. Every value is typed by its default, so a command-line override of the wrong type fails loudly.
+"""
+import ml_collections
+
+# ImageNet-1k as TFDS prepares it (train 1,281,167; validation 50,000).
+IMAGENET_NUM_CLASSES = 1000
+
+
+def model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='nfnet',
+      variant=variant,
+      num_classes=IMAGENET_NUM_CLASSES,
+      width=1.0,
+      alpha=0.2,
+      se_ratio=0.5,
+      stochdepth_rate=0.25,
+      drop_rate=0.2,
+      activation='gelu',
+      # Architecture overrides for small presets; None keeps the variant's table entry.
+      depths=ml_collections.config_dict.placeholder(tuple),
+      widths=ml_collections.config_dict.placeholder(tuple),
+  ))
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='sgd',                 # 'sgd' (the paper) | 'adamw' (fine-tuning)
+      base_learning_rate=0.1,     # scaled by batch_size / reference_batch_size
+      reference_batch_size=256,
+      warmup_epochs=5.0,
+      schedule='cosine',          # 'cosine' | 'constant'
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=2e-5,          # coupled; never on gains, biases or skip gains
+      clip_mode='agc',            # 'agc' | 'global_norm' | 'none'
+      clipping=0.01,              # AGC lambda, or the global-norm threshold
+      agc_eps=1e-3,
+      sam_rho=0.0,                # > 0 turns on sharpness-aware minimisation (the F6 recipe)
+      adam_b1=0.9,
+      adam_b2=0.999,
+      ema_decay=0.99999,
+  ))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='imagenet2012',        # 'imagenet2012' | 'digits' | 'synthetic'
+      data_dir=ml_collections.config_dict.placeholder(str),  # None: the dataset's default location
+      train_split='train',
+      eval_split='validation',
+      train_resolution=192,
+      eval_resolution=256,
+      eval_resize_margin=32,
+      crop_min_area=0.08,
+      flip=True,
+      randaugment_layers=4,
+      randaugment_magnitude=5.0,
+      randaugment_after_mix=True,
+      mix='mixup_cutmix',         # 'mixup_cutmix' | 'none'
+      mixup_alpha=0.2,
+      num_workers=8,              # grain decoding processes per host; 0 decodes in the main process
+  ))
+
+
+def train_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      batch_size=4096,            # global, across all hosts and devices
+      epochs=360.0,
+      num_steps=-1,               # > 0 overrides `epochs`
+      eval_batch_size=1024,       # global
+      log_every_steps=100,
+      eval_every_steps=-1,        # <= 0: evaluate at the end only
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,
+      max_consecutive_nonfinite=10,
+  ))
+
+
+def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model_config(variant)
+  config.optimizer = optimizer_config()
+  config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1))
+  config.data = data_config()
+  config.train = train_config()
+  # bfloat16 activations and compute, float32 master weights, optimiser state and logits.
+  config.precision = ml_collections.ConfigDict(dict(compute_dtype='bfloat16'))
+  # Set on TPU pods: calls jax.distributed.initialize() before anything touches the devices.
+  config.distributed = False
+  return config
