@@ -1,0 +1,134 @@
+"""The training loop end to end on the bundled digits: learning, eval coverage, resume, NaN stop, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from nfnets import checkpoint
+from nfnets import evaluate
+from nfnets import trainer
+from nfnets.data import pipeline
+from tests import tiny_setup
+from tests.tiny_setup import tiny_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _logged(workdir, key):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r['step'], r[key]) for r in rows if key in r]
+
+
+def _final_weights(workdir):
+  return evaluate.load_checkpoint_weights(os.path.join(workdir, 'checkpoints'), tiny_config().model)[1]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  results = trainer.train_and_evaluate(tiny_config(), workdir)
+  return workdir, results
+
+
+def test_short_run_learns_logs_and_evaluates_every_example(uninterrupted):
+  workdir, results = uninterrupted
+  losses = [loss for _, loss in _logged(workdir, 'train/loss')]
+  assert len(losses) == tiny_setup.NUM_STEPS // 5
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1
+  assert results['num_examples'] == tiny_setup.DIGITS_TEST_EXAMPLES
+  for key in ('top1', 'top5', 'ema_top1', 'ema_top5'):
+    assert 0.0 <= results[key] <= 1.0
+  assert results['top1'] > 0.3  # 10 classes: chance is 0.1
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+  assert [s for s, _ in _logged(workdir, 'eval/top1')] == [tiny_setup.NUM_STEPS]
+  assert os.listdir(os.path.join(workdir, 'tb'))
+
+
+def test_resumed_run_ends_with_bitwise_identical_weights(uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'resumed')
+  assert trainer.train_and_evaluate(tiny_config(), workdir, stop_after_step=15) == {}
+  assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
+                                         keep=3).latest_step() == 15
+  results = trainer.train_and_evaluate(tiny_config(), workdir)
+  expected, resumed = _final_weights(uninterrupted[0]), _final_weights(workdir)
+  assert set(expected) == set(resumed) == {'', 'ema_'}
+  for name in expected:
+    for a, b in zip(jax.tree.leaves(expected[name]), jax.tree.leaves(resumed[name])):
+      np.testing.assert_array_equal(a, b)
+  assert results == uninterrupted[1]
+
+
+def test_evaluating_the_checkpoint_reproduces_the_final_eval(uninterrupted):
+  workdir, results = uninterrupted
+  assert evaluate.evaluate_checkpoint(tiny_config(), workdir) == results
+
+
+class _PoisonedFrom:
+  """The real train iterator (state and all), but every batch from the `start`-th on holds a NaN pixel."""
+
+  def __init__(self, iterator, start):
+    self._iterator, self._start, self._served = iterator, start, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._served += 1
+    if self._served >= self._start:
+      batch = dict(batch, images=batch['images'].copy())
+      batch['images'][0, 0, 0, 0, 0] = np.nan
+    return batch
+
+  # grain's checkpoint handler stores any non-grain iterator's state as the bytes get_state returns.
+  def get_state(self) -> bytes:
+    return json.dumps(self._iterator.get_state()).encode()
+
+  def set_state(self, state: bytes):
+    self._iterator.set_state(json.loads(state))
+
+
+def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  make_train_iterator = pipeline.make_train_iterator
+  monkeypatch.setattr(pipeline, 'make_train_iterator',
+                      lambda *a, **k: _PoisonedFrom(make_train_iterator(*a, **k), start=13))
+  config = tiny_config()
+  config.train.max_consecutive_nonfinite = 3
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(trainer.TrainingError, match='3 consecutive non-finite losses or gradients at step 15'):
+    trainer.train_and_evaluate(config, workdir)
+  # The step-10 checkpoint is the last one and holds finite weights; the poisoned steps changed nothing.
+  assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
+                                         keep=3).latest_step() == 10
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final_weights(workdir)))
+  assert [v for s, v in _logged(workdir, 'train/finite') if s in (10, 15)] == [1.0, 0.0]
+
+
+def test_a_workdir_of_another_run_is_refused(uninterrupted):
+  config = tiny_config()
+  config.model.widths = (32, 64, 96, 160)
+  with pytest.raises(ValueError, match='different `model`'):
+    trainer.train_and_evaluate(config, uninterrupted[0])
+
+
+def _run_train(*args):
+  return subprocess.run([sys.executable, '-m', 'experiments.train', *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.train.batch_sise=8'], 'no config field'),
+    (['--config.train.batch_size=eight'], 'batch_size'),
+    (['--config', 'configs/nfnet.py:F9'], "unknown NFNet variant 'F9'"),
+    (['--config.data.name=cifar'], "cifar"),
+])
+def test_bad_command_lines_fail_with_one_clear_line(args, message, tmp_path):
+  result = _run_train(*args, '--workdir', str(tmp_path / 'w'))
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert result.stderr.strip().count('\n') == 0, result.stderr
