@@ -57,11 +57,15 @@ class TrainingCheckpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
+  def wants(self, step: int, force: bool = False) -> bool:
+    """Whether `save` would write `step`: on the save grid (or forced), and not written already."""
+    return step not in self._manager.all_steps() and (force or self._manager.should_save(step))
+
   def save(self, state: train_step_lib.TrainState, data_iterator: Any, meta: dict[str, Any], *,
            force: bool = False) -> bool:
     """Saves `state` (one device's copy, not the replicated one) if the step is on the grid or `force`."""
     step = int(state.step)
-    if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
+    if not self.wants(step, force):
       return False
     host = _to_host(state)
     weights = {name: getattr(host, name) for name in WEIGHT_SETS}

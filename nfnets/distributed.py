@@ -32,5 +32,8 @@ def replicate(tree, axis_name: str, devices=None):
 
 
 def unreplicate(tree):
-  """One device's copy of a replicated tree (all copies are equal after a pmapped step)."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """This host's copy of a replicated tree, as numpy arrays (all device copies are equal after a pmapped step).
+
+  Reads the first local shard's buffer; indexing the global array instead would run one gather per leaf.
+  """
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)

@@ -171,7 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f'device(s), {jax.process_count()} host(s))')
 
   def save(force: bool = False) -> None:
-    checkpointer.save(distributed.unreplicate(replicated), train_iter, meta, force=force)
+    if checkpointer.wants(step, force):  # copying the state off the devices is not free: only when saving
+      checkpointer.save(distributed.unreplicate(replicated), train_iter, meta, force=force)
 
   def check_finite(step_metrics, at_step: int) -> None:
     streak = int(step_metrics['nonfinite_streak'][0])

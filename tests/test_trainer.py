@@ -1,6 +1,7 @@
 """The training loop end to end on the bundled digits: learning, eval coverage, resume, NaN stop, errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -66,13 +67,20 @@ def test_resumed_run_ends_with_bitwise_identical_weights(uninterrupted, tmp_path
 def test_evaluating_the_checkpoint_reproduces_the_final_eval(uninterrupted):
   workdir, results = uninterrupted
   assert evaluate.evaluate_checkpoint(tiny_config(), workdir) == results
+  command = subprocess.run(
+      [sys.executable, '-m', 'experiments.eval', '--checkpoint', workdir,
+       f'--config.train.eval_batch_size={tiny_setup.EVAL_BATCH_SIZE}'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert command.returncode == 0, command.stderr
+  printed = json.loads(command.stdout.strip().splitlines()[-1])
+  assert {k: printed[k] for k in results} == results
 
 
-class _PoisonedFrom:
-  """The real train iterator (state and all), but every batch from the `start`-th on holds a NaN pixel."""
+class _Intercepted:
+  """The real train iterator (its saved state too), with `action(batch)` applied from the `start`-th batch on."""
 
-  def __init__(self, iterator, start):
-    self._iterator, self._start, self._served = iterator, start, 0
+  def __init__(self, iterator, start, action):
+    self._iterator, self._start, self._action, self._served = iterator, start, action, 0
 
   def __iter__(self):
     return self
@@ -80,10 +88,7 @@ class _PoisonedFrom:
   def __next__(self):
     batch = next(self._iterator)
     self._served += 1
-    if self._served >= self._start:
-      batch = dict(batch, images=batch['images'].copy())
-      batch['images'][0, 0, 0, 0, 0] = np.nan
-    return batch
+    return self._action(batch) if self._served >= self._start else batch
 
   # grain's checkpoint handler stores any non-grain iterator's state as the bytes get_state returns.
   def get_state(self) -> bytes:
@@ -93,10 +98,36 @@ class _PoisonedFrom:
     self._iterator.set_state(json.loads(state))
 
 
-def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def _intercept_train_batches(monkeypatch, start, action):
   make_train_iterator = pipeline.make_train_iterator
   monkeypatch.setattr(pipeline, 'make_train_iterator',
-                      lambda *a, **k: _PoisonedFrom(make_train_iterator(*a, **k), start=13))
+                      lambda *a, **k: _Intercepted(make_train_iterator(*a, **k), start, action))
+
+
+def _with_a_nan_pixel(batch):
+  batch = dict(batch, images=batch['images'].copy())
+  batch['images'][0, 0, 0, 0, 0] = np.nan
+  return batch
+
+
+def test_sigterm_checkpoints_and_stops_and_the_rerun_finishes_the_same(uninterrupted, tmp_path, monkeypatch):
+  def preempt(batch):
+    os.kill(os.getpid(), signal.SIGTERM)  # as a TPU VM's maintenance event would
+    return batch
+
+  workdir = str(tmp_path / 'preempted')
+  handler_before = signal.getsignal(signal.SIGTERM)
+  with monkeypatch.context() as patch:
+    _intercept_train_batches(patch, 7, preempt)
+    assert trainer.train_and_evaluate(tiny_config(), workdir) == {}
+  assert signal.getsignal(signal.SIGTERM) == handler_before
+  assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
+                                         keep=3).latest_step() == 7
+  assert trainer.train_and_evaluate(tiny_config(), workdir) == uninterrupted[1]
+
+
+def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  _intercept_train_batches(monkeypatch, 13, _with_a_nan_pixel)
   config = tiny_config()
   config.train.max_consecutive_nonfinite = 3
   workdir = str(tmp_path / 'nan')
