@@ -133,13 +133,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   primary = distributed.is_primary_host()
   say = print if primary else (lambda *a, **k: None)
-  _prepare_workdir(config, workdir)
 
   info = sources.dataset_info(config.data)
   if info.num_classes != config.model.num_classes:
     raise ValueError(f'dataset {config.data.name!r} has {info.num_classes} classes but '
                      f'config.model.num_classes is {config.model.num_classes}')
   num_train_examples = len(sources.get_source(config.data, config.data.train_split))
+  _prepare_workdir(config, workdir)  # only once the data is known to be there
   setup = setup_training(config, num_train_examples)
   total_steps = setup.total_steps
   train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.train.batch_size,

@@ -157,9 +157,11 @@ def _run_train(*args):
     (['--config.train.batch_size=eight'], 'batch_size'),
     (['--config', 'configs/nfnet.py:F9'], "unknown NFNet variant 'F9'"),
     (['--config.data.name=cifar'], "cifar"),
+    (['--config', 'configs/nfnet.py:F0', '--config.data.data_dir=/nonexistent'], 'prepare_imagenet'),
 ])
 def test_bad_command_lines_fail_with_one_clear_line(args, message, tmp_path):
   result = _run_train(*args, '--workdir', str(tmp_path / 'w'))
   assert result.returncode != 0
   assert message in result.stderr
   assert result.stderr.strip().count('\n') == 0, result.stderr
+  assert not (tmp_path / 'w').exists()  # a run that never started leaves nothing behind
