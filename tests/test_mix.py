@@ -93,3 +93,16 @@ def test_bad_inputs_raise_clear_errors():
     mix.mixup_cutmix(images.astype(np.float32), np.arange(4), 5, np.random.default_rng(0))
   with pytest.raises(ValueError, match='alpha'):
     mix.mixup_cutmix(images, np.arange(4), 5, np.random.default_rng(0), alpha=0)
+
+
+@pytest.mark.parametrize('batch', [2, 5, 32])
+def test_mixup_matches_the_plain_float32_batch_formula_exactly(batch):
+  # The per-example in-place loop must reproduce r * x + (1 - r) * x_partner (float32), rounded.
+  images = np.random.default_rng(batch).integers(0, 256, (batch, 13, 11, 3), dtype=np.uint8)
+  out, _ = mix.mixup_cutmix(images, np.arange(batch), batch, np.random.default_rng(3))
+  half = batch // 2
+  ratios = np.random.default_rng(3).beta(0.2, 0.2, size=half).astype(np.float32)
+  r = ratios[:, None, None, None]
+  partners = (np.arange(half) + 1) % half
+  expected = np.clip(np.rint(r * images[:half] + (1 - r) * images[partners]), 0, 255)
+  np.testing.assert_array_equal(out[:half], expected.astype(np.uint8))

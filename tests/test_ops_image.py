@@ -153,3 +153,27 @@ def test_normalize_uses_imagenet_statistics():
                              / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
   with pytest.raises(ValueError, match='RGB'):
     ops_image.normalize(np.zeros((2, 2, 4)))
+
+
+@pytest.mark.parametrize('shape', [(3,), (5, 3), (2, 7, 5, 3), (2, 2, 4, 5, 3), (0, 4, 3)])
+def test_normalize_is_exactly_subtract_mean_then_scale(shape):
+  # The row-tiled in-place version must give bit-identical results to the plain broadcast formula.
+  pixels = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+  expected = (pixels.astype(np.float32) - ops_image.MEAN_RGB) * ops_image._INV_STDDEV_RGB
+  out = ops_image.normalize(pixels)
+  assert out.dtype == np.float32 and out.shape == shape
+  np.testing.assert_array_equal(out, expected)
+  if len(shape) >= 3:  # Non-contiguous and float inputs take the same path.
+    view = pixels[:, ::-1]
+    np.testing.assert_array_equal(ops_image.normalize(view), expected[:, ::-1])
+    np.testing.assert_array_equal(ops_image.normalize(pixels.astype(np.float64)), expected)
+
+
+def test_random_flip_handles_other_dtypes_and_channel_counts(china):
+  for image in (china.astype(np.float32), china[..., :2], np.dstack([china, china[..., :1]])):
+    rng = np.random.default_rng(0)
+    results = [ops_image.random_flip(image, rng) for _ in range(10)]
+    assert any(np.array_equal(r, image[:, ::-1]) for r in results)
+    for result in results:
+      assert result.dtype == image.dtype and result.shape == image.shape
+      assert np.array_equal(result, image) or np.array_equal(result, image[:, ::-1])

@@ -147,3 +147,13 @@ def test_randaugment_rejects_bad_input(photo):
     ra.randaugment(photo, _rng(), -1, 5)
   with pytest.raises(ValueError, match='Unknown RandAugment op'):
     ra.apply_op(photo, 'Blur', 5, _rng())
+
+
+def test_lookup_matches_pillow_point(photo):
+  image = Image.fromarray(photo)
+  per_band = list(np.random.default_rng(0).integers(0, 256, 768))
+  per_band = [int(v) for v in per_band]
+  np.testing.assert_array_equal(np.asarray(ra._lookup(image, per_band)),
+                                np.asarray(image.point(per_band)))
+  shared = tuple(range(255, -1, -1))
+  np.testing.assert_array_equal(np.asarray(ra._lookup(image, shared)), 255 - photo)

@@ -88,9 +88,20 @@ def mixup_cutmix(images: np.ndarray, labels: np.ndarray, num_classes: int,
   partners = _partners(0, num_mixup)
   ratios = rng.beta(alpha, alpha, size=num_mixup).astype(np.float32)
   if num_mixup:
-    r = ratios[:, None, None, None]
-    blended = r * images[:num_mixup] + (1 - r) * images[partners]
-    mixed_images[:num_mixup] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    # float32 as numpy promotes r * uint8, computed one example at a time in two reused scratch
+    # buffers: mixed uint8 x float32 ufuncs go through numpy's slow buffered casting, and
+    # batch-sized temporaries cost fresh pages on every call.
+    blended = np.empty(images.shape[1:], np.float32)
+    partner_image = np.empty_like(blended)
+    for i, (partner, ratio) in enumerate(zip(partners, ratios)):
+      blended[...] = images[i]
+      blended *= ratio
+      partner_image[...] = images[partner]
+      partner_image *= 1 - ratio
+      blended += partner_image
+      np.rint(blended, out=blended)
+      np.clip(blended, 0, 255, out=blended)
+      mixed_images[i] = blended
     mixed_targets[:num_mixup] = (ratios[:, None] * targets[:num_mixup]
                                  + (1 - ratios[:, None]) * targets[partners])
 

@@ -170,6 +170,9 @@ def decode_random_resized_crop(image_bytes: bytes, rng: np.random.Generator, siz
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Mirrors an HWC image left-right with probability 1/2."""
   if rng.random() < 0.5:
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+      # Pillow's transpose is ~3x faster than numpy's copy of a reversed view of 3-byte pixels.
+      return np.asarray(Image.fromarray(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     return np.ascontiguousarray(image[:, ::-1])
   return image
 
@@ -231,13 +234,27 @@ def eval_resize_and_crop(image: np.ndarray, resolution: int, margin: int = 32) -
   return np.matmul(cols[None], resized_rows)
 
 
+@functools.lru_cache(maxsize=16)
+def _row_statistics(repeats: int) -> Tuple[np.ndarray, np.ndarray]:
+  """MEAN_RGB and 1 / STDDEV_RGB tiled `repeats` times, read-only (one image row of pixels)."""
+  mean, inv_stddev = np.tile(MEAN_RGB, repeats), np.tile(_INV_STDDEV_RGB, repeats)
+  mean.flags.writeable = inv_stddev.flags.writeable = False
+  return mean, inv_stddev
+
+
 def normalize(images: np.ndarray) -> np.ndarray:
   """(x - mean) / std per RGB channel with ImageNet statistics on the 0-255 scale; float32 out."""
   images = np.asarray(images)
   if images.shape[-1] != 3:
     raise ValueError(f'Expected RGB images with a trailing channel axis of 3, got {images.shape}.')
-  # In place on one fresh float32 copy: no temporaries for the large batch arrays.
-  normalized = images.astype(np.float32)
-  normalized -= MEAN_RGB
-  normalized *= _INV_STDDEV_RGB
+  # In place on one fresh float32 copy. The statistics are tiled along whole rows ([..., W * 3]):
+  # broadcasting a trailing axis of 3 makes numpy run its inner loop 3 elements at a time, which
+  # is several times slower on a batch. Same operations in the same order, so bit-identical.
+  normalized = np.empty(images.shape, np.float32)
+  repeats = images.shape[-2] if images.ndim >= 2 else 1
+  rows = normalized.reshape(-1, repeats * 3)
+  rows[...] = images.reshape(rows.shape)
+  mean, inv_stddev = _row_statistics(repeats)
+  rows -= mean
+  rows *= inv_stddev
   return normalized

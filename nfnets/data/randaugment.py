@@ -74,8 +74,15 @@ LEVEL_TO_ARG: Dict[str, Callable[[float, np.random.Generator], Any]] = {
 
 
 def _lookup(image: Image.Image, table) -> Image.Image:
-  # One 256-entry table per band; Image.point runs in C.
-  return image.point(table if len(table) == 768 else list(table) * 3)
+  # One 256-entry table per band of Python ints, applied in C. Image.point would first re-round all
+  # 768 entries in Python on every call (twice the cost of the lookup itself), so the tables, which
+  # are ints already, go straight to the image core when this Pillow exposes it.
+  table = table if len(table) == 768 else list(table) * 3
+  image.load()
+  core_point = getattr(getattr(image, 'im', None), 'point', None)
+  if core_point is None:
+    return image.point(table)
+  return image._new(core_point(table, None))  # pylint: disable=protected-access
 
 
 @functools.lru_cache(maxsize=None)
