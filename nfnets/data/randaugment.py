@@ -163,16 +163,22 @@ def _blend(degenerate: Image.Image, image: Image.Image, factor: float) -> Image.
 
 
 def color(image, factor, rng):
+  if factor == 1.0:  # Identity (M = 5): skip building the degenerate image too.
+    return image
   return _blend(image.convert('L').convert('RGB'), image, factor)
 
 
 def contrast(image, factor, rng):
+  if factor == 1.0:
+    return image
   mean = int(np.dot(image.convert('L').histogram(), np.arange(256)) / (image.width * image.height)
              + 0.5)
   return _blend(Image.new('RGB', image.size, (mean,) * 3), image, factor)
 
 
 def brightness(image, factor, rng):
+  if factor == 1.0:
+    return image
   return _blend(Image.new('RGB', image.size, (0, 0, 0)), image, factor)
 
 
