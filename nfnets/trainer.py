@@ -48,7 +48,6 @@ class TrainingSetup(NamedTuple):
   """Everything the loop runs, built from the config alone (no data is read, nothing is compiled)."""
   forward: hk.TransformedWithState
   optimizer: optax.GradientTransformation
-  learning_rate_fn: optax.Schedule
   train_step: Callable[..., Any]   # per-device; pmap it over train_step.AXIS_NAME
   steps_per_epoch: int
   total_steps: int
@@ -66,7 +65,7 @@ def setup_training(config: ml_collections.ConfigDict, num_train_examples: int) -
                                         label_smoothing=config.loss.label_smoothing,
                                         ema_decay=config.optimizer.ema_decay,
                                         uses_grad_fn=optim.needs_grad_fn(config.optimizer))
-  return TrainingSetup(forward, optimizer, learning_rate_fn, step, steps_per_epoch, total_steps)
+  return TrainingSetup(forward, optimizer, step, steps_per_epoch, total_steps)
 
 
 def initial_train_state(setup: TrainingSetup, config: ml_collections.ConfigDict) -> train_step_lib.TrainState:
