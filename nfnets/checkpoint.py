@@ -125,8 +125,7 @@ def _resolve(path: str) -> tuple[str, int]:
   return path, step
 
 
-def read_meta(path: str) -> dict[str, Any]:
-  directory, step = _resolve(path)
+def _read_meta(directory: str, step: int) -> dict[str, Any]:
   meta_dir = os.path.join(directory, str(step), 'meta')
   try:
     with open(os.path.join(meta_dir, 'metadata')) as f:
@@ -135,13 +134,18 @@ def read_meta(path: str) -> dict[str, Any]:
     raise CheckpointError(f'unreadable checkpoint metadata in {meta_dir}: {e}') from e
 
 
+def read_meta(path: str) -> dict[str, Any]:
+  """The `meta` item (config, model config, stored weight sets) of the checkpoint at `path`."""
+  return _read_meta(*_resolve(path))
+
+
 def load_weights(path: str, like_params, like_model_state) -> tuple[dict[str, Any], dict[str, Any]]:
   """Loads every stored weight set, shaped like the given (abstract) params, and the checkpoint's meta.
 
   Returns `({name: tree}, meta)` with names from `WEIGHT_SETS` that the checkpoint holds.
   """
   directory, step = _resolve(path)
-  meta = read_meta(path)
+  meta = _read_meta(directory, step)
   stored = [n for n in meta.get('weight_sets', []) if n in WEIGHT_SETS]
   like = {'params': like_params, 'model_state': like_model_state,
           'ema_params': like_params, 'ema_model_state': like_model_state}
