@@ -57,12 +57,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def report_error(error: Exception) -> None:
+  """Prints a user error as the single line `error: <message>` on stderr."""
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  print(f'error: {message}', file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def one_line_errors():
-  """Turns a user error into `error: <message>` on stderr and exit status 1; other errors keep tracebacks."""
+  """Turns a user error into one `error:` line and exit status 1; other errors keep tracebacks."""
   try:
     yield
   except USER_ERRORS as e:
-    message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f'error: {message}', file=sys.stderr, flush=True)
+    report_error(e)
     sys.exit(1)

@@ -9,7 +9,6 @@ A project checkpoint carries its own model config, which wins over --config's `m
 come from --config. Prints one JSON line of results.
 """
 import json
-import os
 
 from absl import app
 from absl import flags

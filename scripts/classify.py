@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     for result in classify(args.images, args.checkpoint, args.config, args.top):
       print(json.dumps(result))
   except common.USER_ERRORS as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    common.report_error(e)
     return 1
   return 0
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from configs import nfnet as nfnet_configs
+from experiments import common
 from nfnets import checkpoint
 from nfnets import pretrained
 
@@ -30,8 +31,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     variant = convert(args.source, args.destination)
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointError, pretrained.CheckpointError) as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+  except common.USER_ERRORS as e:
+    common.report_error(e)
     return 1
   print(f'converted {args.source} (NFNet-{variant}) to {args.destination}')
   return 0
