@@ -1,9 +1,13 @@
 """Safe loading of the published NFNet reference checkpoints (F0_haiku.npz ... F6_haiku.npz).
 
-The files are Python pickles (written with dill) of a Haiku params dict. Unpickling normally runs
-any callable the file names, so this loader uses an unpickler that can only rebuild plain
-containers, numpy arrays, dtypes and scalars; any other global is refused before anything runs.
-The tree is then checked against the architecture of the variant it describes.
+The files are Python pickles, written with dill 0.3.3 at protocol 3, of a Haiku 0.0.3 params
+`FlatMapping` of `FlatMapping`s; dill writes numpy's C function `_reconstruct` as
+`dill._dill._get_attr(dill._dill._import_module('numpy.core._multiarray_umath'), '_reconstruct')`.
+Unpickling normally runs any callable the file names, so this loader uses an unpickler that can
+only rebuild plain containers, numpy arrays, dtypes and scalars. Haiku and dill are never imported:
+their globals resolve to local stand-ins that accept only that layout (a FlatMapping becomes a
+plain dict). Any other global, module or attribute is refused before anything runs. The tree is
+then checked against the architecture of the variant it describes.
 """
 import copy
 import functools
@@ -51,9 +55,80 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
   return text.encode('latin1')
 
 
+# The only numpy functions a checkpoint may reach through dill's `_get_attr`, whatever era's name
+# of numpy's C extension module it gives to `_import_module`.
+_NUMPY_EXTENSION_FUNCTIONS = {
+    '_reconstruct': _numpy_module('numpy._core.multiarray')._reconstruct,
+    'scalar': _numpy_module('numpy._core.multiarray').scalar,
+}
+_NUMPY_EXTENSION_MODULES = tuple(f'{era}.{name}' for era in ('numpy.core', 'numpy._core')
+                                 for name in ('_multiarray_umath', 'multiarray'))
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+class _NumpyExtensionModule:
+  """What a checkpoint's `_import_module` call yields: a name standing for numpy's C module.
+
+  It is not the module itself, so the pickle can do nothing with it (no attribute access, no
+  BUILD into its namespace) except pass it to the `_get_attr` stand-in.
+  """
+  __slots__ = ('name',)
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __setstate__(self, state: Any):
+    raise CheckpointError(f'refused to set state on dill module {self.name}.')
+
+
+def _arg_types(args: tuple) -> str:
+  return ', '.join(a.name if isinstance(a, _NumpyExtensionModule) else type(a).__name__
+                   for a in args)
+
+
+def _dill_import_module(*args) -> _NumpyExtensionModule:
+  """Stand-in for dill's `_import_module(name)`: allows only numpy's C extension module."""
+  if len(args) != 1 or not isinstance(args[0], str):
+    raise CheckpointError(f'refused dill _import_module({_arg_types(args)}): it may only be '
+                          'called with one module name.')
+  if args[0] not in _NUMPY_EXTENSION_MODULES:
+    allowed = ', '.join(_NUMPY_EXTENSION_MODULES)
+    raise CheckpointError(f'refused dill _import_module({_short_repr(args[0])}): a checkpoint may '
+                          f'import only numpy\'s extension module ({allowed}).')
+  return _NumpyExtensionModule(args[0])
+
+
+def _dill_get_attr(*args) -> Any:
+  """Stand-in for dill's `_get_attr(module, name)`: only numpy's `_reconstruct` and `scalar`."""
+  if len(args) != 2 or not isinstance(args[1], str):
+    raise CheckpointError(f'refused dill _get_attr({_arg_types(args)}): it may only be called '
+                          'with a module and an attribute name.')
+  owner, name = args
+  if not isinstance(owner, _NumpyExtensionModule):
+    raise CheckpointError(f'refused dill _get_attr on a {type(owner).__name__} object '
+                          f'(attribute {_short_repr(name)}): only numpy\'s extension module may be '
+                          'looked into.')
+  if name not in _NUMPY_EXTENSION_FUNCTIONS:
+    raise CheckpointError(f'refused dill _get_attr({owner.name}, {_short_repr(name)}): only '
+                          f'{" and ".join(_NUMPY_EXTENSION_FUNCTIONS)} may be taken from it.')
+  return _NUMPY_EXTENSION_FUNCTIONS[name]
+
+
+def _haiku_flat_mapping(*args) -> dict:
+  """Stand-in for Haiku 0.0.3's `FlatMapping`, which pickles as `(FlatMapping, (dict,))`."""
+  if len(args) != 1 or type(args[0]) is not dict:  # pylint: disable=unidiomatic-typecheck
+    raise CheckpointError(f'refused haiku FlatMapping({_arg_types(args)}): only FlatMapping(dict) '
+                          'is allowed.')
+  return dict(args[0])
+
+
 def _dill_create_array(build, args, state, npdict=None) -> np.ndarray:
-  """Stand-in for dill's `_create_array`, which dill uses to pickle every numpy array."""
-  if build is not _SAFE_GLOBALS[('numpy._core.multiarray', '_reconstruct')]:
+  """Stand-in for dill's `_create_array`, which dill uses to pickle a top-level numpy array."""
+  if build is not _NUMPY_EXTENSION_FUNCTIONS['_reconstruct']:
     raise CheckpointError('refused dill _create_array with a constructor other than '
                           'numpy _reconstruct.')
   if npdict:
@@ -67,15 +142,17 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ('numpy', 'ndarray'): np.ndarray,
     ('numpy', 'dtype'): np.dtype,
     ('_codecs', 'encode'): _latin1_encode,
+    ('haiku._src.data_structures', 'FlatMapping'): _haiku_flat_mapping,
 }
 for _era in ('numpy.core', 'numpy._core'):
-  _SAFE_GLOBALS[(f'{_era}.multiarray', '_reconstruct')] = (
-      _numpy_module('numpy._core.multiarray')._reconstruct)
-  _SAFE_GLOBALS[(f'{_era}.multiarray', 'scalar')] = _numpy_module('numpy._core.multiarray').scalar
+  for _name, _function in _NUMPY_EXTENSION_FUNCTIONS.items():
+    _SAFE_GLOBALS[(f'{_era}.multiarray', _name)] = _function
   _SAFE_GLOBALS[(f'{_era}.numeric', '_frombuffer')] = (
       _numpy_module('numpy._core.numeric')._frombuffer)
 for _dill_module in ('dill._dill', 'dill.dill'):  # dill >= 0.3 and older releases.
   _SAFE_GLOBALS[(_dill_module, '_create_array')] = _dill_create_array
+  _SAFE_GLOBALS[(_dill_module, '_get_attr')] = _dill_get_attr
+  _SAFE_GLOBALS[(_dill_module, '_import_module')] = _dill_import_module
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -86,15 +163,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return _SAFE_GLOBALS[(module, name)]
     except KeyError:
       raise CheckpointError(
-          f'refused to load global {module}.{name}: only numpy arrays and plain containers '
-          'are allowed in a checkpoint.') from None
+          f'refused to load global {module}.{name}: only numpy arrays, plain containers and '
+          'the Haiku/dill helpers of the reference files are allowed in a checkpoint.') from None
 
   def persistent_load(self, pid: Any) -> Any:
     raise CheckpointError(f'refused persistent id {pid!r} in checkpoint.')
 
 
 def safe_unpickle(data: bytes | BinaryIO) -> Any:
-  """Unpickles bytes or a binary file allowing only containers, numpy arrays, dtypes and scalars."""
+  """Unpickles bytes or a binary file allowing only containers, numpy arrays, dtypes and scalars.
+
+  Haiku `FlatMapping`s come back as plain dicts.
+  """
   stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
   try:
     return _RestrictedUnpickler(stream).load()
@@ -210,12 +290,15 @@ def load_official_params(path: str | os.PathLike, variant: str | None = None
   if not os.path.isfile(path):
     raise FileNotFoundError(f'checkpoint {os.fspath(path)!r} does not exist; download the '
                             'F*_haiku.npz file first.')
-  with open(path, 'rb') as f:  # Streamed: F6 is ~1.8 GB.
-    params = _as_params(safe_unpickle(f))
-  found = infer_variant(params)
-  if variant is not None and variant != found:
-    raise CheckpointError(f'checkpoint holds NFNet-{found}, not the requested NFNet-{variant}.')
-  check_params(params, found)
+  try:
+    with open(path, 'rb') as f:  # Streamed: F6 is ~1.8 GB.
+      params = _as_params(safe_unpickle(f))
+    found = infer_variant(params)
+    if variant is not None and variant != found:
+      raise CheckpointError(f'checkpoint holds NFNet-{found}, not the requested NFNet-{variant}.')
+    check_params(params, found)
+  except CheckpointError as e:
+    raise CheckpointError(f'{os.fspath(path)}: {e}') from None
   return params, found
 
 

@@ -1,10 +1,13 @@
 """Tests for nfnets.pretrained: the restricted unpickler and the checkpoint tree checks."""
 import builtins
+import io
 import os
 import pickle
 import pickletools
+import re
 import sys
 import types
+import warnings
 
 import haiku as hk
 import jax
@@ -14,6 +17,7 @@ import pytest
 from nfnets import nfnet
 from nfnets import pretrained
 from tests import reference_forward
+from tests import reference_pickle
 
 SMALL_TREE = {'NFNet/~/linear': {'w': np.arange(6, dtype=np.float32).reshape(2, 3),
                                  'b': np.float32([0.5, -1.0, 2.0])},
@@ -93,31 +97,103 @@ def test_dill_create_array_refuses_other_constructors(fake_dill):
   del fake_dill  # Only needed so that the dill stand-in can be pickled by reference.
   # An allowed global (numpy.dtype) smuggled in as the array builder.
   create = sys.modules['dill._dill']._create_array
-  bad = pickle.dumps({'m': {'w': _Reduce(create, (np.dtype, ('f4',), None, None))}}, protocol=2)
+  smuggled = reference_pickle.Call(create, np.dtype, ('f4',), None, None)
+  bad = pickle.dumps({'m': {'w': smuggled}}, protocol=2)
   with pytest.raises(pretrained.CheckpointError, match='constructor other than numpy'):
     pretrained.safe_unpickle(bad)
 
 
-class _Reduce:
-  """Pickles as an arbitrary call `fn(*args)`: how a malicious file embeds code."""
+# What the published files hold: arrays (skip_gain is 0-d); a numpy scalar exercises `scalar` too.
+REFERENCE_TREE = {'NFNet/~/linear': {'w': np.arange(6, dtype=np.float32).reshape(2, 3),
+                                     'b': np.float32([0.5, -1.0, 2.0])},
+                  'NFNet/~/nf_block': {'skip_gain': np.array(0.25, np.float32)},
+                  'other': {'values': np.ones((2, 2), np.float64), 'scale': np.float32(3.0)}}
+# The globals of a reference file, in the order they are written (each once, then memoized).
+REFERENCE_GLOBALS = ['haiku._src.data_structures.FlatMapping', 'dill._dill._get_attr',
+                     'dill._dill._import_module', 'numpy.ndarray', 'numpy.dtype']
 
-  def __init__(self, fn, args):
-    self.fn, self.args = fn, args
 
-  def __reduce__(self):
-    return self.fn, self.args
+def _global_ops(data: bytes) -> list[str]:
+  return [arg.replace(' ', '.') if op.name == 'GLOBAL' else op.name
+          for op, arg, _ in pickletools.genops(data) if op.name in ('GLOBAL', 'STACK_GLOBAL')]
+
+
+@pytest.mark.parametrize('numpy_module', [reference_pickle.REFERENCE_NUMPY_MODULE,
+                                          'numpy._core._multiarray_umath', 'numpy.core.multiarray'])
+def test_reference_layout_is_read_without_running_haiku_or_dill(numpy_module):
+  with reference_pickle.stand_in_modules() as stand_ins:
+    buffer = io.BytesIO()
+    reference_pickle.dump(stand_ins, REFERENCE_TREE, buffer, numpy_module)
+    data = buffer.getvalue()
+    got = pretrained.safe_unpickle(data)
+    assert not stand_ins.calls  # The stand-ins were importable, yet nothing of them ran.
+    # The layout is what Haiku/dill would read: an ordinary unpickler rebuilds it through them.
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', DeprecationWarning)  # numpy 2 warns on numpy.core names.
+      unsafe = pickle.loads(data)
+    assert isinstance(unsafe['NFNet/~/linear'], stand_ins.flat_mapping)
+    assert ('_import_module', numpy_module) in stand_ins.calls
+  assert type(got) is dict and all(type(p) is dict for p in got.values())
+  _assert_same_tree(got, REFERENCE_TREE)
+
+  ops = list(pickletools.genops(data))
+  assert (ops[0][0].name, ops[0][1]) == ('PROTO', 3)
+  assert _global_ops(data) == REFERENCE_GLOBALS
+  strings = [arg for _, arg, _ in ops if isinstance(arg, str)]
+  after_import = strings.index('dill._dill _import_module') + 1
+  assert strings[after_import:after_import + 2] == [numpy_module, '_reconstruct']
+  assert 'scalar' in strings
+
+
+def test_hostile_calls_through_the_reference_helpers_are_refused_without_running(tmp_path):
+  marker = tmp_path / 'pwned'
+  call = reference_pickle.Call
+  with reference_pickle.stand_in_modules() as stand_ins:
+    imp, get = stand_ins.import_module, stand_ins.get_attr
+    reconstruct = call(get, call(imp, reference_pickle.REFERENCE_NUMPY_MODULE), '_reconstruct')
+    numpy_python_module = call(imp, 'numpy._core.multiarray')  # An allowed name, with __builtins__.
+    live_attacks = {
+        r"_import_module\('os'\)": call(call(get, call(imp, 'os'), 'system'), f'touch {marker}'),
+        r"_get_attr\(numpy._core.multiarray, '__builtins__'\)": call(
+            call(call(get, call(get, numpy_python_module, '__builtins__'), 'get'), 'eval'),
+            f'open({str(marker)!r}, "w").close()'),
+    }
+    refused = {
+        r"_get_attr on a builtin_function_or_method object \(attribute '__self__'\)": call(
+            get, reconstruct, '__self__'),
+        r"_get_attr on a type object \(attribute '__subclasses__'\)": call(
+            get, np.ndarray, '__subclasses__'),
+        r"_get_attr\(numpy.core._multiarray_umath, str, NoneType\)": call(
+            get, call(imp, 'numpy.core._multiarray_umath'), '_reconstruct', None),
+        r"_import_module\(str, bool\)": call(imp, 'numpy.core._multiarray_umath', True),
+        r"_import_module\('numpy.core'\)": call(imp, 'numpy.core'),
+        r'FlatMapping\(list\)': call(stand_ins.flat_mapping, [('w', np.zeros(1))]),
+        r'FlatMapping\(dict, dict\)': call(stand_ins.flat_mapping, {}, {}),
+        # BUILD into the module would patch numpy's namespace.
+        'to set state on dill module numpy.core._multiarray_umath': call(
+            imp, 'numpy.core._multiarray_umath', state={'_reconstruct': np.dtype}),
+    }
+    for expected, attack in {**live_attacks, **refused}.items():
+      path = tmp_path / 'attack.npz'
+      path.write_bytes(reference_pickle.dumps(stand_ins, {'NFNet/~/linear': {'w': attack}}))
+      assert re.search(f'refused (dill |haiku )?{expected}', _load_error(path))
+    assert not marker.exists() and not stand_ins.calls
+    # The live payloads are real: an ordinary unpickler runs each of them.
+    for attack in live_attacks.values():
+      pickle.loads(reference_pickle.dumps(stand_ins, attack))
+      assert marker.exists()
+      marker.unlink()
 
 
 @pytest.mark.parametrize('protocol', [2, 5])
 def test_malicious_pickles_are_refused_without_running(tmp_path, protocol):
   marker = tmp_path / 'pwned'
   # Protocol 2 writes Python 2 names (__builtin__); the error names the global as written.
+  call = reference_pickle.Call
   attacks = {
-      'posix.system': _Reduce(os.system, (f'touch {marker}',)),
-      '(builtins|__builtin__).eval': _Reduce(builtins.eval,
-                                             (f'open({str(marker)!r}, "w").close()',)),
-      '(builtins|__builtin__).exec': _Reduce(builtins.exec,
-                                             (f'open({str(marker)!r}, "w").close()',)),
+      'posix.system': call(os.system, f'touch {marker}'),
+      '(builtins|__builtin__).eval': call(builtins.eval, f'open({str(marker)!r}, "w").close()'),
+      '(builtins|__builtin__).exec': call(builtins.exec, f'open({str(marker)!r}, "w").close()'),
   }
   for name, attack in attacks.items():
     path = tmp_path / 'attack.npz'
@@ -130,26 +206,34 @@ def test_malicious_pickles_are_refused_without_running(tmp_path, protocol):
   assert marker.exists()
 
 
-def test_truncated_missing_and_non_tree_files(tmp_path):
+def _load_error(path) -> str:
+  """The CheckpointError message of loading `path`; it must be one line naming the file."""
+  with pytest.raises(pretrained.CheckpointError) as error:
+    pretrained.load_official_params(path)
+  message = str(error.value)
+  assert str(path) in message and '\n' not in message
+  return message
+
+
+def test_truncated_missing_and_non_tree_files_are_reported_with_their_path(tmp_path):
   data = pickle.dumps(SMALL_TREE, protocol=4)
   truncated = tmp_path / 'truncated.npz'
   truncated.write_bytes(data[:len(data) // 2])
-  with pytest.raises(pretrained.CheckpointError, match='truncated'):
-    pretrained.load_official_params(truncated)
+  assert 'truncated' in _load_error(truncated)
   empty = tmp_path / 'empty.npz'
   empty.write_bytes(b'')
-  with pytest.raises(pretrained.CheckpointError, match='truncated'):
-    pretrained.load_official_params(empty)
-  with pytest.raises(FileNotFoundError, match='does not exist'):
+  assert 'truncated' in _load_error(empty)
+  with pytest.raises(FileNotFoundError, match='absent.npz.* does not exist'):
     pretrained.load_official_params(tmp_path / 'absent.npz')
   listing = tmp_path / 'list.npz'
   listing.write_bytes(pickle.dumps([1, 2, 3]))
-  with pytest.raises(pretrained.CheckpointError, match='not a Haiku params dict'):
-    pretrained.load_official_params(listing)
+  assert 'not a Haiku params dict' in _load_error(listing)
   ints = tmp_path / 'ints.npz'
   ints.write_bytes(pickle.dumps({'NFNet/~/linear': {'w': np.arange(3)}}))
-  with pytest.raises(pretrained.CheckpointError, match='not a floating-point array'):
-    pretrained.load_official_params(ints)
+  assert 'not a floating-point array' in _load_error(ints)
+  not_nfnet = tmp_path / 'not_nfnet.npz'
+  not_nfnet.write_bytes(pickle.dumps(SMALL_TREE))
+  assert "unknown module 'other'" in _load_error(not_nfnet)
 
 
 def _zeros_tree(variant):
@@ -189,11 +273,20 @@ def test_wrong_trees_are_rejected_with_the_culprit_named():
     pretrained.check_params(tree, 'F0')
 
 
-def test_f0_checkpoint_loads_and_matches_reference_forward(tmp_path):
+# Size of the published F0_haiku.npz, in bytes (spec: "Public reference checkpoints").
+PUBLISHED_F0_SIZE = 285_976_842
+
+
+def test_f0_checkpoint_in_the_reference_layout_loads_and_matches_reference_forward(tmp_path):
   shapes = pretrained.expected_shapes('F0', num_classes=1000)
   params = reference_forward.random_params(shapes, seed=3)
   path = tmp_path / 'F0_haiku.npz'
-  path.write_bytes(pickle.dumps(params, protocol=4))
+  with reference_pickle.stand_in_modules() as stand_ins, open(path, 'wb') as f:
+    reference_pickle.dump(stand_ins, params, f)
+  # The layout reproduces the real file's size (measured: 2 bytes short); the size does not
+  # depend on the values. Plain dicts instead of FlatMappings would be 1,375 bytes shorter.
+  assert abs(path.stat().st_size - PUBLISHED_F0_SIZE) <= 2
+  # Loaded with the stand-ins gone: nothing of Haiku's or dill's pickled names is needed.
   loaded, variant = pretrained.load_official_params(path)
   assert variant == 'F0'
   assert pretrained.num_classes_of(loaded) == 1000
