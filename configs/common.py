@@ -5,25 +5,7 @@ differs. Every value is typed by its default, so a command-line override of the 
 """
 import ml_collections
 
-# ImageNet-1k as TFDS prepares it (train 1,281,167; validation 50,000).
-IMAGENET_NUM_CLASSES = 1000
-
-
-def model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      name='nfnet',
-      variant=variant,
-      num_classes=IMAGENET_NUM_CLASSES,
-      width=1.0,
-      alpha=0.2,
-      se_ratio=0.5,
-      stochdepth_rate=0.25,
-      drop_rate=0.2,
-      activation='gelu',
-      # Architecture overrides for small presets; None keeps the variant's table entry.
-      depths=ml_collections.config_dict.placeholder(tuple),
-      widths=ml_collections.config_dict.placeholder(tuple),
-  ))
+from nfnets import models
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -80,16 +62,22 @@ def train_config() -> ml_collections.ConfigDict:
   ))
 
 
-def base_config(variant: str = 'F0') -> ml_collections.ConfigDict:
+def base_config(model_name: str, variant: str) -> ml_collections.ConfigDict:
+  """The recipe's defaults around the model family's own `config.model` for `variant`."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.model = model_config(variant)
+  config.model = models.model_config(model_name, variant)
+  # A checkpoint (project or reference) to start from, for fine-tuning: its weights replace the fresh ones,
+  # except the classifier when the class counts differ. Ignored when the workdir already holds a checkpoint.
+  config.init_from = ml_collections.config_dict.placeholder(str)
   config.optimizer = optimizer_config()
   config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1))
   config.data = data_config()
   config.train = train_config()
-  # bfloat16 activations and compute, float32 master weights, optimiser state and logits.
-  config.precision = ml_collections.ConfigDict(dict(compute_dtype='bfloat16'))
-  # Set on TPU pods: calls jax.distributed.initialize() before anything touches the devices.
+  # Training: bfloat16 activations and compute, float32 master weights, optimiser state and logits.
+  # Evaluation runs in float32, as the reference evaluated.
+  config.precision = ml_collections.ConfigDict(dict(compute_dtype='bfloat16', eval_compute_dtype='float32'))
+  # Multi-host runs: calls jax.distributed.initialize() before anything touches the devices (TPU pods find
+  # their peers; elsewhere pass --coordinator_address, --num_processes and --process_id, or JAX's variables).
   config.distributed = False
   return config

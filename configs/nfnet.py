@@ -1,4 +1,4 @@
-"""NFNet configs: the paper's ImageNet recipe for F0-F7 (and wide F0+-F7+), and a CPU preset.
+"""NFNet configs: the paper's ImageNet recipe for F0-F7 (and wide F0+-F7+), the SAM rows, and a CPU preset.
 
   # The README's first command: a small NFNet on the bundled digits dataset, a few minutes on a laptop CPU.
   python -m experiments.train --config configs/nfnet.py:tiny --workdir /tmp/nfnet_tiny
@@ -8,34 +8,45 @@
       --config.data.data_dir=gs://bucket/tensorflow_datasets --config.distributed=True
 
 Any value can be overridden, e.g. `--config.optimizer.clipping=0.02 --config.train.batch_size=1024`.
-The variant table (depths, resolutions, RandAugment magnitude, dropout) lives in `nfnets.nfnet.VARIANTS`;
-this file reads it rather than restating it.
+Arguments: `F0` ... `F7`, `F0+` ... `F7+`, `F5-sam`, `F6` (trained with SAM, as published), `tiny`.
+The architecture (depths, widths) is the model's (`nfnets.models.nfnet.VARIANTS`); the recipe numbers per
+variant are here.
 """
 import ml_collections
 
 from configs import common
-from nfnets import nfnet
 
-# The published F6 result used sharpness-aware minimisation.
-_SAM_VARIANTS = {'F6': 0.05}
+# The paper's per-variant recipe: train / test resolution, RandAugment magnitude, head dropout.
+RECIPES = {
+    'F0': dict(train_resolution=192, eval_resolution=256, randaugment_magnitude=5.0, drop_rate=0.2),
+    'F1': dict(train_resolution=224, eval_resolution=320, randaugment_magnitude=10.0, drop_rate=0.3),
+    'F2': dict(train_resolution=256, eval_resolution=352, randaugment_magnitude=10.0, drop_rate=0.4),
+    'F3': dict(train_resolution=320, eval_resolution=416, randaugment_magnitude=15.0, drop_rate=0.4),
+    'F4': dict(train_resolution=384, eval_resolution=512, randaugment_magnitude=15.0, drop_rate=0.5),
+    'F5': dict(train_resolution=416, eval_resolution=544, randaugment_magnitude=15.0, drop_rate=0.5),
+    'F6': dict(train_resolution=448, eval_resolution=576, randaugment_magnitude=15.0, drop_rate=0.5),
+    'F7': dict(train_resolution=480, eval_resolution=608, randaugment_magnitude=15.0, drop_rate=0.5),
+}
+SAM_RHO = 0.05
+# Published rows trained with sharpness-aware minimisation: F6 was only published with SAM; F5 both ways.
+_SAM_BY_DEFAULT = ('F6',)
 
 
-def _variant_config(variant: str) -> ml_collections.ConfigDict:
-  if variant not in nfnet.VARIANTS:
-    raise ValueError(f'unknown NFNet variant {variant!r}; known: {", ".join(sorted(nfnet.VARIANTS))}, tiny')
-  table = nfnet.VARIANTS[variant]
-  config = common.base_config(variant)
-  config.model.drop_rate = table['drop_rate']
-  config.data.train_resolution = table['train_imsize']
-  config.data.eval_resolution = table['test_imsize']
-  config.data.randaugment_magnitude = float(table['randaugment_magnitude'])
-  config.optimizer.sam_rho = _SAM_VARIANTS.get(variant.rstrip('+'), 0.0)
+def variant_config(variant: str, sam: bool = False) -> ml_collections.ConfigDict:
+  """The paper's ImageNet recipe for NFNet `variant` ('F0'..'F7', wide 'F0+'..'F7+')."""
+  config = common.base_config('nfnet', variant)
+  recipe = RECIPES[variant.rstrip('+')]
+  config.model.drop_rate = recipe['drop_rate']
+  config.data.train_resolution = recipe['train_resolution']
+  config.data.eval_resolution = recipe['eval_resolution']
+  config.data.randaugment_magnitude = recipe['randaugment_magnitude']
+  config.optimizer.sam_rho = SAM_RHO if sam or variant.rstrip('+') in _SAM_BY_DEFAULT else 0.0
   return config
 
 
-def _tiny_config() -> ml_collections.ConfigDict:
+def tiny_config() -> ml_collections.ConfigDict:
   """A narrow, shallow NFNet on the bundled digits dataset: minutes on a 2-core CPU."""
-  config = common.base_config('F0')
+  config = common.base_config('nfnet', 'F0')
   config.model.num_classes = 10
   config.model.depths = (1, 1, 1, 1)
   config.model.widths = (32, 64, 96, 128)
@@ -71,5 +82,9 @@ def _tiny_config() -> ml_collections.ConfigDict:
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   if arg == 'tiny':
-    return _tiny_config()
-  return _variant_config(arg)
+    return tiny_config()
+  variant, sam = (arg[:-len('-sam')], True) if arg.endswith('-sam') else (arg, False)
+  if variant.rstrip('+') not in RECIPES or variant.count('+') > 1:
+    raise ValueError(f'unknown NFNet variant {arg!r}; known: {", ".join(RECIPES)}, their wide "+" variants, '
+                     '"-sam" variants (e.g. F5-sam), tiny')
+  return variant_config(variant, sam)

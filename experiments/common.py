@@ -1,22 +1,46 @@
-"""What the entry points share: the repository root, the config's short name, one-line errors."""
-import contextlib
+"""The command-line layer every entry point shares (experiments/ and scripts/).
+
+  * `--config path:arg` plus `--config.x=value` overrides, through ml_collections `config_flags` and absl;
+    a bad flag, config file or override ends with one line and exit status 2;
+  * `run(main)`: runs an absl main so that a `UserError` becomes one line (`error: ...`) and exit status 1,
+    while every other exception keeps its traceback;
+  * the multi-host flags and `jax.distributed` start-up.
+"""
+import functools
 import os
 import sys
+from typing import Callable, Optional
 
+from absl import app
 from absl import flags
+from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
-from nfnets import checkpoint
-from nfnets import pretrained
-from nfnets import trainer
-from nfnets.data import sources
+from nfnets import distributed
+from nfnets.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, 'configs', 'nfnet.py') + ':tiny'
+_GIVEN = {'config': False, 'overrides': False}
 
-# Errors that mean "the input is wrong", reported as one line rather than a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, pretrained.CheckpointError,
-               sources.DataNotFoundError, trainer.TrainingError)
+
+def define_config_flag(help_text: str = 'Experiment config, as path:arg.') -> config_flags.FlagHolder:
+  """`--config path:arg`, default `configs/nfnet.py:tiny`; `--config.x=value` overrides any field."""
+  return config_flags.DEFINE_config_file('config', None, f'{help_text} Default: {DEFAULT_CONFIG}',
+                                         lock_config=True)
+
+
+def define_distributed_flags() -> None:
+  """Flags that set up a multi-process run where JAX cannot discover its peers (GPU or CPU clusters)."""
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for jax.distributed.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+  flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
+
+
+def config_given() -> bool:
+  """Whether the command line named a --config (rather than running on the default)."""
+  return _GIVEN['config']
 
 
 def config_name(flag_name: str = 'config') -> str:
@@ -27,21 +51,18 @@ def config_name(flag_name: str = 'config') -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, but a bad flag, config file or override ends with one line and exit status 2.
-
-  Passed to `app.run(main, flags_parser=parse_flags)`; absl would otherwise print a traceback from inside
-  the config file or ml_collections.
-  """
-  if not any(arg == '--config' or arg.startswith('--config=') for arg in argv[1:]):
+  """absl's flag parsing, but a bad flag, config file or override ends with one line and exit status 2."""
+  _GIVEN['config'] = any(arg == '--config' or arg.startswith('--config=') for arg in argv[1:])
+  _GIVEN['overrides'] = any(arg.startswith('--config.') for arg in argv[1:])
+  if 'config' in flags.FLAGS and not _GIVEN['config']:
     # The flag has no default of its own: ml_collections would load a default, and apply the command
     # line's overrides to it, while the flag is being defined, outside any error handling.
     argv = [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
   try:
     remaining = flags.FLAGS(argv)
     # ml_collections applies --config.x overrides when the config is first read: read it here.
-    for name in ('config',):
-      if name in flags.FLAGS:
-        flags.FLAGS[name].value  # pylint: disable=pointless-statement
+    if 'config' in flags.FLAGS:
+      flags.FLAGS['config'].value  # pylint: disable=pointless-statement
     return remaining
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     text = str(e)
@@ -57,17 +78,55 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def report_error(error: Exception) -> None:
-  """Prints a user error as the single line `error: <message>` on stderr."""
+def report_error(error: BaseException) -> None:
+  """Prints an error as the single line `error: <message>` on stderr."""
   message = str(error).splitlines()[0] if str(error) else type(error).__name__
   print(f'error: {message}', file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def one_line_errors():
-  """Turns a user error into one `error:` line and exit status 1; other errors keep tracebacks."""
-  try:
-    yield
-  except USER_ERRORS as e:
-    report_error(e)
-    sys.exit(1)
+def initialize_distributed(config: Optional[ml_collections.ConfigDict] = None) -> None:
+  """Joins a multi-process run when the config or the distributed flags ask for one."""
+  values = {name: flags.FLAGS[name].value for name in ('coordinator_address', 'num_processes', 'process_id')
+            if name in flags.FLAGS}
+  enabled = bool(config is not None and config.get('distributed')) or any(v is not None for v in values.values())
+  distributed.initialize(enabled, **values)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` with the project's flag parser and one-line user errors (exit status 1)."""
+
+  @functools.wraps(main)
+  def guarded(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+    try:
+      main(argv)
+    except UserError as e:
+      report_error(e)
+      sys.exit(1)
+
+  app.run(guarded, flags_parser=parse_flags)
+
+
+def config_for_checkpoint(flag_config: ml_collections.ConfigDict, loaded) -> ml_collections.ConfigDict:
+  """The config to evaluate or use checkpoint `loaded` (a `nfnets.checkpoint.Checkpoint`) with.
+
+  With --config, its model must not contradict the checkpoint's (one line otherwise), and the checkpoint's
+  model section is used. Without it: the run's own config for a project checkpoint, the family's published
+  recipe for a reference file (so it is evaluated at its variant's test resolution).
+  """
+  import configs  # pylint: disable=g-import-not-at-top
+  from nfnets import models  # pylint: disable=g-import-not-at-top
+  from nfnets.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if not config_given():
+    if _GIVEN['overrides']:
+      raise ConfigError('--config.* overrides need --config (the config they override)')
+    if loaded.config is not None:
+      return ml_collections.ConfigDict(loaded.config)
+    return configs.for_model(loaded.model_config)
+  problem = models.contradiction(flag_config.model.to_dict(), loaded.model_config)
+  if problem:
+    raise ConfigError(f'--config does not describe the model in {loaded.path} ({problem}); pass the matching '
+                      'config, or none to use the checkpoint\'s own')
+  config = ml_collections.ConfigDict(flag_config.to_dict())
+  config.model = ml_collections.ConfigDict(dict(loaded.model_config))
+  return config

@@ -1,15 +1,17 @@
 """NFNets in JAX/Haiku: models, adaptive gradient clipping, training and evaluation.
 
 The top level re-exports what a user reaches for first; everything else lives in its own module
-(`nfnets.agc`, `nfnets.optim`, `nfnets.train_step`, `nfnets.data.pipeline`, ...).
+(`nfnets.models` (the registry), `nfnets.agc`, `nfnets.optim`, `nfnets.train_step`, `nfnets.data.pipeline`, ...).
 """
+from nfnets.errors import CheckpointError
+from nfnets.errors import UserError
 from nfnets.flops import count_macs
-from nfnets.flops import nfnet_macs
-from nfnets.nfnet import NFNet
-from nfnets.nfnet import VARIANTS
-from nfnets.pretrained import CheckpointError
-from nfnets.pretrained import infer_variant
+from nfnets.flops import model_macs
+from nfnets.flops import param_count
+from nfnets.models.nfnet import NFNet
+from nfnets.models.nfnet import VARIANTS
 from nfnets.pretrained import load_official_params
+from nfnets.pretrained import load_reference
 
-__all__ = ['NFNet', 'VARIANTS', 'load_official_params', 'infer_variant', 'CheckpointError', 'count_macs',
-           'nfnet_macs']
+__all__ = ['NFNet', 'VARIANTS', 'load_official_params', 'load_reference', 'CheckpointError', 'UserError',
+           'count_macs', 'model_macs', 'param_count']

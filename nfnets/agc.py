@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nfnets.errors import ConfigError
+
 ParamPath = tuple[str, str]
 ExcludeFn = Callable[[ParamPath], bool]
 
@@ -127,9 +129,9 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
     A GradientTransformation whose update needs `params`; chain any optax optimizer after it.
   """
   if not clipping > 0:
-    raise ValueError(f'AGC clipping must be > 0, got {clipping}; use clip_mode "none" to disable clipping')
+    raise ConfigError(f'AGC clipping must be > 0, got {clipping}; use clip_mode "none" to disable clipping')
   if not eps > 0:
-    raise ValueError(f'AGC eps must be > 0, got {eps}')
+    raise ConfigError(f'AGC eps must be > 0, got {eps}')
   inner = _clip_unitwise(float(clipping), float(eps))
   if exclude is None:
     return inner

@@ -1,35 +1,45 @@
-"""The project's checkpoint format, on orbax.
+"""Checkpoints: the project's orbax format, and one reader for it and the published reference files.
 
-A checkpoint directory is an orbax `CheckpointManager` directory: one sub-directory per step, each holding
-up to four items:
+A project checkpoint directory is an orbax `CheckpointManager` directory: one sub-directory per step, each
+holding up to four items:
 
-  weights  {'params', 'model_state'[, 'ema_params', 'ema_model_state']}: all that evaluation and
-           fine-tuning need (a converted reference checkpoint holds only this and `meta`)
-  train    {'step', 'opt_state', 'rng', 'nonfinite_streak'}: the rest of the training state
+  weights  the train state's weight sets {'params', 'model_state'[, 'ema_params', 'ema_model_state']}: all
+           that evaluation and fine-tuning need (a converted reference checkpoint holds only this and `meta`)
+  train    every other field of the train state (step, optimiser state, RNG, non-finite streak)
   data     the grain iterator's position, one JSON file per host
   meta     JSON: the run's config, the model config and which weight sets are stored
 
-Saves are atomic (orbax writes to a temporary directory and renames it), asynchronous, and written from
-host copies of the arrays, so the same code serves one CPU and a multi-host pod (orbax writes replicated
-numpy values from the primary host only).
+Paths go through `etils.epath`, so a directory may be local or on a remote filesystem (`gs://...`). Saves
+are atomic (orbax finalises a step only once all of it is written), asynchronous, and written from host
+copies of the arrays, so the same code serves one CPU and a multi-host pod.
+
+`read(path)` accepts a project checkpoint (a workdir, its checkpoints/ folder or one step's folder) or a
+reference `F*_haiku.npz` file, and returns the model config and the weight sets it holds.
 """
+import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from nfnets import models
+from nfnets import pretrained
 from nfnets import train_step as train_step_lib
+from nfnets.errors import CheckpointError
 
+# TrainState fields stored in the `weights` item; every other field goes to `train`.
 WEIGHT_SETS = ('params', 'model_state', 'ema_params', 'ema_model_state')
 ITEMS = ('weights', 'train', 'data', 'meta')
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that is missing, unreadable or does not fit the model asked for."""
+def absolute(path: str | epath.PathLike) -> epath.Path:
+  """`path` as orbax needs it: remote paths unchanged, local ones absolute (with ~ expanded)."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else path.expanduser().resolve()
 
 
 def _to_host(tree):
@@ -40,18 +50,28 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _manager(directory: str, *, save_every: int = 1, keep: Optional[int] = None,
+def split_state(state: train_step_lib.TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(weights item, train item) of a train state, following the state's own fields."""
+  fields = state._asdict()
+  return ({k: v for k, v in fields.items() if k in WEIGHT_SETS},
+          {k: v for k, v in fields.items() if k not in WEIGHT_SETS})
+
+
+def _manager(directory: str | epath.PathLike, *, save_every: int = 1, keep: Optional[int] = None,
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=max(1, save_every), max_to_keep=keep, create=not read_only,
       read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(absolute(directory), options=options, item_names=ITEMS)
 
 
 class TrainingCheckpointer:
-  """Saves and resumes a training run's whole state: weights, optimiser, RNG and data position."""
+  """Saves and resumes a training run's whole state: weights, optimiser, RNG and data position.
 
-  def __init__(self, directory: str, *, save_every: int, keep: int):
+  Every host calls every method: orbax coordinates the hosts and writes replicated values once.
+  """
+
+  def __init__(self, directory: str | epath.PathLike, *, save_every: int, keep: int):
     self._manager = _manager(directory, save_every=save_every, keep=keep)
 
   def latest_step(self) -> Optional[int]:
@@ -67,11 +87,8 @@ class TrainingCheckpointer:
     step = int(state.step)
     if not self.wants(step, force):
       return False
-    host = _to_host(state)
-    weights = {name: getattr(host, name) for name in WEIGHT_SETS}
-    train = {'step': host.step, 'opt_state': host.opt_state, 'rng': host.rng,
-             'nonfinite_streak': host.nonfinite_streak}
-    meta = dict(meta, step=step, weight_sets=list(WEIGHT_SETS))
+    weights, train = split_state(_to_host(state))
+    meta = dict(meta, step=step, weight_sets=list(weights))
     return self._manager.save(step, force=force, args=ocp.args.Composite(
         weights=ocp.args.StandardSave(weights),
         train=ocp.args.StandardSave(train),
@@ -81,12 +98,10 @@ class TrainingCheckpointer:
   def restore(self, step: int, like: train_step_lib.TrainState,
               data_iterator: Any) -> train_step_lib.TrainState:
     """Restores step `step` into a state shaped like `like` and repositions `data_iterator` in place."""
-    weights_target = {name: _abstract(getattr(like, name)) for name in WEIGHT_SETS}
-    train_target = _abstract({'step': like.step, 'opt_state': like.opt_state, 'rng': like.rng,
-                              'nonfinite_streak': like.nonfinite_streak})
+    weights, train = split_state(like)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        weights=ocp.args.StandardRestore(weights_target),
-        train=ocp.args.StandardRestore(train_target),
+        weights=ocp.args.StandardRestore(_abstract(weights)),
+        train=ocp.args.StandardRestore(_abstract(train)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return train_step_lib.TrainState(**restored.weights, **restored.train)
 
@@ -97,63 +112,88 @@ class TrainingCheckpointer:
     self._manager.close()
 
 
-def save_weights(directory: str, params, model_state, meta: dict[str, Any], step: int = 0) -> None:
+def save_weights(directory: str | epath.PathLike, params, model_state, meta: dict[str, Any],
+                 step: int = 0) -> None:
   """Writes a weights-only checkpoint (e.g. a converted reference model). Refuses an existing directory."""
-  if os.path.exists(directory):
+  if epath.Path(directory).exists():
     raise CheckpointError(f'{directory} already exists; choose a new output directory')
   manager = _manager(directory)
   weights = {'params': _to_host(params), 'model_state': _to_host(model_state)}
   manager.save(step, args=ocp.args.Composite(
       weights=ocp.args.StandardSave(weights),
-      meta=ocp.args.JsonSave(dict(meta, step=step, weight_sets=['params', 'model_state']))))
+      meta=ocp.args.JsonSave(dict(meta, step=step, weight_sets=list(weights)))))
   manager.wait_until_finished()
   manager.close()
 
 
-def _resolve(path: str) -> tuple[str, int]:
+def _resolve(path: epath.Path) -> tuple[epath.Path, int]:
   """Accepts a checkpoint directory (latest step), one step's directory, or a training workdir."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = absolute(path)
+  if not path.is_dir():
     raise CheckpointError(f'no checkpoint at {path}')
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  if os.path.isdir(os.path.join(path, 'weights')) and os.path.basename(path).isdigit():
-    return os.path.dirname(path), int(os.path.basename(path))
+  if (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  if (path / 'weights').is_dir() and path.name.isdigit():
+    return path.parent, int(path.name)
   step = _manager(path, read_only=True).latest_step()
   if step is None:
     raise CheckpointError(f'{path} holds no complete checkpoint')
   return path, step
 
 
-def _read_meta(directory: str, step: int) -> dict[str, Any]:
-  meta_dir = os.path.join(directory, str(step), 'meta')
+def _read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
+  meta_file = directory / str(step) / 'meta' / 'metadata'
   try:
-    with open(os.path.join(meta_dir, 'metadata')) as f:
-      return json.load(f)
+    return json.loads(meta_file.read_text())
   except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f'unreadable checkpoint metadata in {meta_dir}: {e}') from e
+    raise CheckpointError(f'unreadable checkpoint metadata {meta_file}: {e}') from e
 
 
-def read_meta(path: str) -> dict[str, Any]:
-  """The `meta` item (config, model config, stored weight sets) of the checkpoint at `path`."""
-  return _read_meta(*_resolve(path))
+@dataclasses.dataclass
+class Checkpoint:
+  """What `read` returns.
 
-
-def load_weights(path: str, like_params, like_model_state) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Loads every stored weight set, shaped like the given (abstract) params, and the checkpoint's meta.
-
-  Returns `({name: tree}, meta)` with names from `WEIGHT_SETS` that the checkpoint holds.
+  Attributes:
+    path: the file, or the step directory, that was read.
+    kind: 'project' (orbax, written by this project) or 'reference' (a published pickle).
+    model_config: the `config.model` section that builds the stored model.
+    weight_sets: `{prefix: (params, model_state)}` with '' for the raw weights and 'ema_' for the EMA weights
+      when stored; numpy arrays.
+    config: the whole config of the run that wrote it (project checkpoints), else None.
+    step: the training step it was saved at (0 for reference files).
   """
-  directory, step = _resolve(path)
+  path: str
+  kind: str
+  model_config: dict[str, Any]
+  weight_sets: dict[str, tuple[Any, Any]]
+  config: Optional[dict[str, Any]]
+  step: int
+
+
+def read(path: str | epath.PathLike) -> Checkpoint:
+  """Reads a project checkpoint or a reference `F*_haiku.npz` file. Every error names the path."""
+  source = epath.Path(path)
+  if source.is_file():
+    params, model_config = pretrained.load_reference(source)
+    return Checkpoint(str(source), 'reference', model_config, {'': (params, {})}, None, 0)
+  directory, step = _resolve(source)
   meta = _read_meta(directory, step)
-  stored = [n for n in meta.get('weight_sets', []) if n in WEIGHT_SETS]
-  like = {'params': like_params, 'model_state': like_model_state,
-          'ema_params': like_params, 'ema_model_state': like_model_state}
-  target = {name: _abstract(like[name]) for name in stored}
+  try:
+    model_config = meta['model']
+    like_params, like_state = models.abstract_params(model_config)
+  except (KeyError, TypeError) as e:
+    raise CheckpointError(f'{directory / str(step)}: no usable model config in its metadata ({e})') from None
+  like = {'params': like_params, 'model_state': like_state,
+          'ema_params': like_params, 'ema_model_state': like_state}
+  target = {name: _abstract(like[name]) for name in meta.get('weight_sets', []) if name in like}
   try:
     restored = _manager(directory, read_only=True).restore(
         step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(target)))
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointError(f'checkpoint {directory}/{step} does not fit this model: '
+    raise CheckpointError(f'checkpoint {directory / str(step)} does not fit its model: '
                           f'{str(e).splitlines()[0]}') from e
-  return dict(restored.weights), meta
+  weights = dict(restored.weights)
+  weight_sets = {'': (weights['params'], weights['model_state'])}
+  if 'ema_params' in weights:
+    weight_sets['ema_'] = (weights['ema_params'], weights['ema_model_state'])
+  return Checkpoint(str(directory / str(step)), 'project', model_config, weight_sets, meta.get('config'), step)

@@ -3,15 +3,27 @@
 Everything else in the library is written for one host's view (its local devices and its data shard);
 these helpers are the only place that knows how arrays are laid out across devices.
 """
+from typing import Optional
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-def initialize(enabled: bool) -> None:
-  """Joins the multi-host job (TPU pods discover their peers); a no-op on a single host."""
-  if enabled:
-    jax.distributed.initialize()
+def initialize(enabled: bool, coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """Joins the multi-process job; a no-op unless `enabled`.
+
+  On TPU pods (and clusters JAX knows, e.g. SLURM) JAX finds the coordinator itself, as it does from its own
+  environment variables (JAX_COORDINATOR_ADDRESS, ...); elsewhere pass the three arguments. CPU hosts
+  exchange collectives through gloo, so the same code runs on CPU-only machines and in the tests.
+  """
+  if not enabled:
+    return
+  if jax.config.jax_cpu_collectives_implementation in (None, 'none', ''):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
 
 
 def is_primary_host() -> bool:

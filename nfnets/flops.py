@@ -2,12 +2,11 @@
 import math
 from typing import Any, Callable
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from nfnets import nfnet
+from nfnets import models
 
 
 def _sub_jaxprs(value: Any):
@@ -70,20 +69,21 @@ def count_macs(fn: Callable[..., Any], *example_args: Any) -> int:
   return jaxpr_macs(closed.jaxpr)
 
 
-def nfnet_macs(variant: str, resolution: int, num_classes: int = 1000) -> int:
-  """Forward-pass MACs of one image through NFNet `variant` at `resolution`² (eval mode)."""
-  nfnet.get_variant(variant)
-  model = hk.transform(
-      lambda x: nfnet.NFNet(num_classes, variant, grouped_conv='native')(x, is_training=False))
+def model_macs(model_config, resolution: int) -> int:
+  """Forward-pass MACs of one image through the configured model at `resolution`² (eval mode).
+
+  Grouped convolutions are traced as one grouped convolution, so each counts its true MACs.
+  """
+  model_config = dict(model_config)
+  if 'grouped_conv' in model_config:
+    model_config['grouped_conv'] = 'native'
+  forward = models.make_forward(model_config)
   image = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
-  return count_macs(lambda p, x: model.apply(p, None, x), params, image)
+  params, state = models.abstract_params(model_config)
+  return count_macs(lambda p, s, x: forward.apply(p, s, None, x, is_training=False), params, state, image)
 
 
-def nfnet_param_count(variant: str, num_classes: int = 1000) -> int:
-  """Number of parameters of NFNet `variant` (abstract init; no memory is allocated)."""
-  nfnet.get_variant(variant)
-  model = hk.transform(lambda x: nfnet.NFNet(num_classes, variant)(x, is_training=False))
-  image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
+def param_count(model_config) -> int:
+  """Number of parameters of the configured model (abstract init; no memory is allocated)."""
+  params, _ = models.abstract_params(model_config)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -31,6 +31,8 @@ import ml_collections
 import optax
 
 from nfnets import agc
+from nfnets import durations
+from nfnets.errors import ConfigError
 
 _OPTIMIZERS = ('sgd', 'adamw')
 _CLIP_MODES = ('agc', 'global_norm', 'none')
@@ -55,20 +57,19 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def learning_rate_schedule(optimizer_config: ml_collections.ConfigDict, *, batch_size: int,
-                           steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """lr(step): base_learning_rate * batch_size / reference_batch_size, linear warmup from 0, then
-  cosine decay to 0 at `total_steps` ('cosine') or held ('constant')."""
+                           examples_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """lr(step): base_learning_rate * batch_size / reference_batch_size, linear warmup from 0 over
+  `warmup_epochs` (converted by `durations.to_steps`), then cosine decay to 0 at `total_steps` ('cosine')
+  or held ('constant')."""
   if optimizer_config.schedule not in _SCHEDULES:
-    raise ValueError(f'unknown schedule {optimizer_config.schedule!r}; use one of {_SCHEDULES}')
-  if batch_size <= 0 or steps_per_epoch <= 0 or total_steps <= 0:
-    raise ValueError(f'batch_size, steps_per_epoch and total_steps must be positive, got '
-                     f'{batch_size}, {steps_per_epoch}, {total_steps}')
-  if optimizer_config.warmup_epochs < 0:
-    raise ValueError(f'warmup_epochs must be >= 0, got {optimizer_config.warmup_epochs}')
+    raise ConfigError(f'unknown schedule {optimizer_config.schedule!r}; use one of {_SCHEDULES}')
+  if total_steps <= 0:
+    raise ConfigError(f'total_steps must be positive, got {total_steps}')
   peak = optimizer_config.base_learning_rate * batch_size / optimizer_config.reference_batch_size
-  warmup_steps = int(round(optimizer_config.warmup_epochs * steps_per_epoch))
+  warmup_steps = durations.to_steps(epochs=optimizer_config.warmup_epochs, batch_size=batch_size,
+                                    examples_per_epoch=examples_per_epoch, name='optimizer.warmup_epochs')
   if warmup_steps >= total_steps:
-    raise ValueError(f'warmup ({warmup_steps} steps) must be shorter than training ({total_steps} steps); '
+    raise ConfigError(f'warmup ({warmup_steps} steps) must be shorter than training ({total_steps} steps); '
                      'lower optimizer.warmup_epochs or train longer')
   if optimizer_config.schedule == 'constant':
     after_warmup = optax.constant_schedule(peak)
@@ -87,11 +88,11 @@ def clipping_transform(optimizer_config: ml_collections.ConfigDict) -> optax.Gra
     return agc.adaptive_grad_clip(optimizer_config.clipping, eps=optimizer_config.agc_eps)
   if mode == 'global_norm':
     if not optimizer_config.clipping > 0:
-      raise ValueError(f'global-norm clipping threshold must be > 0, got {optimizer_config.clipping}')
+      raise ConfigError(f'global-norm clipping threshold must be > 0, got {optimizer_config.clipping}')
     return optax.clip_by_global_norm(optimizer_config.clipping)
   if mode == 'none':
     return optax.identity()
-  raise ValueError(f'unknown clip_mode {mode!r}; use one of {_CLIP_MODES}')
+  raise ConfigError(f'unknown clip_mode {mode!r}; use one of {_CLIP_MODES}')
 
 
 def _normalize_globally() -> optax.GradientTransformation:
@@ -105,7 +106,7 @@ def _normalize_globally() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: int, steps_per_epoch: int,
+def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: int, examples_per_epoch: int,
                     total_steps: int) -> optax.GradientTransformationExtraArgs:
   """The paper's chain (see the module docstring), every number from `optimizer_config` (config.optimizer).
 
@@ -113,20 +114,20 @@ def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: 
     optimizer_config: name, base_learning_rate, reference_batch_size, warmup_epochs, schedule, momentum,
       nesterov, weight_decay, clip_mode, clipping, agc_eps, sam_rho, adam_b1, adam_b2.
     batch_size: global batch size (all devices, all hosts), for the learning-rate scaling.
-    steps_per_epoch: optimizer steps per epoch, for the warmup length.
+    examples_per_epoch: the training split's size, for the warmup length.
     total_steps: optimizer steps in the whole run; the cosine reaches 0 there.
 
   Returns:
     The optimizer. With sam_rho > 0 its update needs `grad_fn=` (see `needs_grad_fn`).
   """
   if optimizer_config.name not in _OPTIMIZERS:
-    raise ValueError(f'unknown optimizer {optimizer_config.name!r}; use one of {_OPTIMIZERS}')
+    raise ConfigError(f'unknown optimizer {optimizer_config.name!r}; use one of {_OPTIMIZERS}')
   if optimizer_config.weight_decay < 0:
-    raise ValueError(f'weight_decay must be >= 0, got {optimizer_config.weight_decay}')
+    raise ConfigError(f'weight_decay must be >= 0, got {optimizer_config.weight_decay}')
   if optimizer_config.sam_rho < 0:
-    raise ValueError(f'sam_rho must be >= 0 (0 turns SAM off), got {optimizer_config.sam_rho}')
+    raise ConfigError(f'sam_rho must be >= 0 (0 turns SAM off), got {optimizer_config.sam_rho}')
   schedule = learning_rate_schedule(optimizer_config, batch_size=batch_size,
-                                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                                    examples_per_epoch=examples_per_epoch, total_steps=total_steps)
   clip = clipping_transform(optimizer_config)
   if optimizer_config.name == 'sgd':
     momentum = optimizer_config.momentum or None

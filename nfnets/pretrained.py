@@ -7,37 +7,22 @@ Unpickling normally runs any callable the file names, so this loader uses an unp
 only rebuild plain containers, numpy arrays, dtypes and scalars. Haiku and dill are never imported:
 their globals resolve to local stand-ins that accept only that layout (a FlatMapping becomes a
 plain dict). Any other global, module or attribute is refused before anything runs. The tree is
-then checked against the architecture of the variant it describes.
+then recognised by the model family that published it (`nfnets.models`), and checked against the
+architecture of the variant it describes.
 """
-import copy
-import functools
 import importlib
 import io
 import math
-import os
 import pickle
-import re
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Optional
 
-import haiku as hk
-import jax
-import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from nfnets import nfnet
+from nfnets import models
+from nfnets.errors import CheckpointError
 
 Params = dict[str, dict[str, np.ndarray]]
-
-_ROOT = 'NFNet'
-CLASSIFIER_MODULE = f'{_ROOT}/~/linear'
-_BLOCK_RE = re.compile(rf'^{_ROOT}/~/nf_block(?:_(\d+))?(?:/~/.*)?$')
-_KNOWN_MODULE_RE = re.compile(
-    rf'^{_ROOT}/~/(?:stem_conv[0-3]|final_conv|linear|nf_block(?:_\d+)?'
-    r'(?:/~/(?:conv0|conv1|conv1b|conv2|conv_shortcut|squeeze_excite/~/linear(?:_1)?))?)$')
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file is unreadable, unsafe, or does not match the NFNet architecture."""
 
 
 def _numpy_module(name: str):
@@ -201,105 +186,71 @@ def _as_params(tree: Any) -> Params:
   return params
 
 
-def _check_module_names(params: Params) -> None:
-  unknown = sorted(m for m in params if not _KNOWN_MODULE_RE.match(m))
-  if unknown:
-    raise CheckpointError(f'unknown module {unknown[0]!r} in checkpoint '
-                          f'({len(unknown)} unknown in all); expected NFNet reference names.')
+def recognise(params: Params) -> dict[str, Any]:
+  """The model config (family defaults for the inferred variant and class count) a reference tree describes.
+
+  Every registered family that publishes reference checkpoints is asked in turn; the first that recognises
+  the tree wins, and the tree must then have exactly that model's modules and shapes.
+  """
+  errors = []
+  for name in models.family_names():
+    family = models.get_family(name)
+    if family.config_from_reference is None:
+      continue
+    try:
+      entries = family.config_from_reference(params)
+    except CheckpointError as e:
+      errors.append(str(e))
+      continue
+    model_config = models.model_config(name, **entries)
+    check_params(params, model_config)
+    return model_config.to_dict()
+  raise CheckpointError(errors[0] if len(errors) == 1 else f'no model family recognises the tree: {"; ".join(errors)}')
 
 
-def _block_index(module: str) -> int | None:
-  match = _BLOCK_RE.match(module)
-  if match is None:
-    return None
-  return int(match.group(1) or 0)
-
-
-def num_classes_of(params: Params) -> int:
-  """Number of classes of the classifier in an NFNet params dict."""
-  try:
-    return int(params[CLASSIFIER_MODULE]['w'].shape[-1])
-  except KeyError:
-    raise CheckpointError(f'checkpoint has no classifier {CLASSIFIER_MODULE}/w.') from None
-
-
-def infer_variant(params: Params) -> str:
-  """Name of the NFNet variant ('F0'..'F7', 'F0+'..'F7+') whose architecture `params` describe."""
-  _check_module_names(params)
-  indices = {_block_index(m) for m in params} - {None}
-  if not indices or indices != set(range(max(indices) + 1)):
-    raise CheckpointError(f'checkpoint blocks are not numbered 0..n-1 (found {sorted(indices)}).')
-  block_name = lambda i: f'{_ROOT}/~/nf_block' + (f'_{i}' if i else '')
-  stage_starts = [i for i in sorted(indices) if f'{block_name(i)}/~/conv_shortcut' in params]
-  if not stage_starts or stage_starts[0] != 0:
-    raise CheckpointError('checkpoint block 0 has no conv_shortcut; not an NFNet tree.')
-  depths = tuple(np.diff(stage_starts + [len(indices)]).tolist())
-  try:
-    widths = tuple(int(params[f'{block_name(i)}/~/conv2']['w'].shape[-1]) for i in stage_starts)
-  except KeyError as e:
-    raise CheckpointError(f'checkpoint is missing a block conv2 weight: {e}.') from None
-  for name, config in nfnet.VARIANTS.items():
-    if config['depths'] == depths and config.get('widths', nfnet.WIDTHS) == widths:
-      return name
-  raise CheckpointError(f'no NFNet variant has depths {depths} and widths {widths}.')
-
-
-def expected_shapes(variant: str, num_classes: int = 1000) -> dict[str, dict[str, tuple]]:
-  """Parameter shapes of NFNet `variant`, from abstract initialisation (nothing is allocated)."""
-  return copy.deepcopy(_expected_shapes(variant, num_classes))
-
-
-@functools.lru_cache(maxsize=None)
-def _expected_shapes(variant: str, num_classes: int) -> dict[str, dict[str, tuple]]:
-  model = hk.transform(lambda x: nfnet.NFNet(num_classes, variant)(x, is_training=False))
-  image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
-  return {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in abstract.items()}
-
-
-def check_params(params: Params, variant: str) -> None:
-  """Raises CheckpointError unless `params` has exactly the modules and shapes of `variant`."""
-  _check_module_names(params)
-  expected = expected_shapes(variant, num_classes_of(params))
+def check_params(params: Params, model_config) -> None:
+  """Raises CheckpointError unless `params` has exactly the modules and shapes of the configured model."""
+  expected, _ = models.abstract_params(model_config)
+  label = f'{model_config["name"]}-{model_config["variant"]}'
   missing = sorted(set(expected) - set(params))
   extra = sorted(set(params) - set(expected))
   if missing:
-    raise CheckpointError(f'checkpoint is missing module {missing[0]!r} of NFNet-{variant} '
-                          f'({len(missing)} missing in all).')
+    raise CheckpointError(f'checkpoint is missing module {missing[0]!r} of {label} ({len(missing)} missing in all)')
   if extra:
-    raise CheckpointError(f'checkpoint has module {extra[0]!r} that NFNet-{variant} lacks '
-                          f'({len(extra)} extra in all).')
+    raise CheckpointError(f'checkpoint has module {extra[0]!r} that {label} lacks ({len(extra)} extra in all)')
   for module, shapes in expected.items():
     if set(params[module]) != set(shapes):
-      raise CheckpointError(f'{module} has params {sorted(params[module])}, expected '
-                            f'{sorted(shapes)}.')
-    for name, shape in shapes.items():
-      if params[module][name].shape != shape:
-        raise CheckpointError(f'{module}/{name} has shape {params[module][name].shape}, '
-                              f'expected {shape} for NFNet-{variant}.')
+      raise CheckpointError(f'{module} has params {sorted(params[module])}, expected {sorted(shapes)}')
+    for name, leaf in shapes.items():
+      if params[module][name].shape != leaf.shape:
+        raise CheckpointError(f'{module}/{name} has shape {params[module][name].shape}, expected '
+                              f'{leaf.shape} for {label}')
 
 
-def load_official_params(path: str | os.PathLike, variant: str | None = None
-                         ) -> tuple[Params, str]:
-  """Loads a reference checkpoint safely; returns (params, variant name).
+def load_reference(path: str | epath.PathLike, variant: Optional[str] = None) -> tuple[Params, dict[str, Any]]:
+  """Loads a reference checkpoint safely; returns (params, model config dict).
 
-  The params (float32 numpy arrays) feed straight into
-  ``hk.transform(lambda x: NFNet(num_classes, variant)(x, is_training=False)).apply``, with
-  ``num_classes = num_classes_of(params)``. If `variant` is given the file must match it.
+  The params (float32 numpy arrays) feed straight into `models.make_forward(model_config).apply`. If
+  `variant` is given the file must hold it. Every error names the file.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'checkpoint {os.fspath(path)!r} does not exist; download the '
-                            'F*_haiku.npz file first.')
+  path = epath.Path(path)
+  if not path.is_file():
+    raise CheckpointError(f'checkpoint {path} does not exist; download the F*_haiku.npz file first')
   try:
-    with open(path, 'rb') as f:  # Streamed: F6 is ~1.8 GB.
+    with path.open('rb') as f:  # Streamed: F6 is ~1.8 GB.
       params = _as_params(safe_unpickle(f))
-    found = infer_variant(params)
-    if variant is not None and variant != found:
-      raise CheckpointError(f'checkpoint holds NFNet-{found}, not the requested NFNet-{variant}.')
-    check_params(params, found)
+    model_config = recognise(params)
+    if variant is not None and variant != model_config['variant']:
+      raise CheckpointError(f'checkpoint holds {model_config["variant"]}, not the requested {variant}')
   except CheckpointError as e:
-    raise CheckpointError(f'{os.fspath(path)}: {e}') from None
-  return params, found
+    raise CheckpointError(f'{path}: {e}') from None
+  return params, model_config
+
+
+def load_official_params(path: str | epath.PathLike, variant: Optional[str] = None) -> tuple[Params, str]:
+  """Loads a reference checkpoint safely; returns (params, variant name). See `load_reference`."""
+  params, model_config = load_reference(path, variant)
+  return params, model_config['variant']
 
 
 def param_count(params: Params) -> int:

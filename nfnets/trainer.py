@@ -1,47 +1,38 @@
 """`train_and_evaluate(config, workdir)`: the training loop around the pure step.
 
 config -> data -> model -> loss -> optimizer -> checkpoint: this module wires them together, runs the
-pmapped step over the local devices, logs, checkpoints (also on SIGTERM, for preemptible TPU VMs),
-resumes from the workdir, and evaluates raw and EMA weights.
+pmapped step over the local devices, logs, checkpoints (also on preemption, agreed by all hosts), resumes
+from the workdir, and evaluates raw and EMA weights. The workdir may be local or remote (`gs://...`): every
+path goes through `etils.epath`.
 """
-import contextlib
 import json
-import math
-import os
-import signal
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
 
 from nfnets import checkpoint
 from nfnets import distributed
+from nfnets import durations
 from nfnets import evaluate
+from nfnets import files
 from nfnets import metrics_writer
 from nfnets import models
 from nfnets import optim
+from nfnets import preemption
+from nfnets import train_state as train_state_lib
 from nfnets import train_step as train_step_lib
 from nfnets.data import pipeline
 from nfnets.data import sources
+from nfnets.errors import ConfigError
+from nfnets.errors import TrainingError
 
 # Parts of the config that must match for a workdir's checkpoints to be resumed.
 _RESUME_KEYS = ('seed', 'model', 'data', 'train.batch_size')
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. a run of non-finite losses); the last good checkpoint is kept."""
-
-
-def training_steps(train_config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
-  """(steps per epoch, total steps): the one place durations in epochs become steps."""
-  steps_per_epoch = max(1, num_train_examples // train_config.batch_size)
-  if train_config.num_steps > 0:
-    return steps_per_epoch, int(train_config.num_steps)
-  return steps_per_epoch, max(1, math.ceil(train_config.epochs * num_train_examples / train_config.batch_size))
 
 
 class TrainingSetup(NamedTuple):
@@ -49,15 +40,14 @@ class TrainingSetup(NamedTuple):
   forward: hk.TransformedWithState
   optimizer: optax.GradientTransformation
   train_step: Callable[..., Any]   # per-device; pmap it over train_step.AXIS_NAME
-  steps_per_epoch: int
   total_steps: int
 
 
 def setup_training(config: ml_collections.ConfigDict, num_train_examples: int) -> TrainingSetup:
   """config -> model, optimizer and per-device step, exactly as `train_and_evaluate` uses them."""
-  steps_per_epoch, total_steps = training_steps(config.train, num_train_examples)
+  total_steps = durations.total_steps(config.train, num_train_examples)
   forward = models.make_forward(config.model, config.precision.compute_dtype)
-  schedule_args = dict(batch_size=config.train.batch_size, steps_per_epoch=steps_per_epoch,
+  schedule_args = dict(batch_size=config.train.batch_size, examples_per_epoch=num_train_examples,
                        total_steps=total_steps)
   optimizer = optim.build_optimizer(config.optimizer, **schedule_args)
   learning_rate_fn = optim.learning_rate_schedule(config.optimizer, **schedule_args)
@@ -65,14 +55,7 @@ def setup_training(config: ml_collections.ConfigDict, num_train_examples: int) -
                                         label_smoothing=config.loss.label_smoothing,
                                         ema_decay=config.optimizer.ema_decay,
                                         uses_grad_fn=optim.needs_grad_fn(config.optimizer))
-  return TrainingSetup(forward, optimizer, step, steps_per_epoch, total_steps)
-
-
-def initial_train_state(setup: TrainingSetup, config: ml_collections.ConfigDict) -> train_step_lib.TrainState:
-  """The run's starting point, a function of `config.seed` alone (on the default device)."""
-  res = config.data.train_resolution
-  return jax.jit(train_step_lib.init_train_state, static_argnums=(0, 1))(
-      setup.forward, setup.optimizer, jax.random.PRNGKey(config.seed), jnp.zeros((1, res, res, 3), jnp.float32))
+  return TrainingSetup(forward, optimizer, step, total_steps)
 
 
 def _config_entry(config: dict, dotted: str) -> Any:
@@ -81,37 +64,23 @@ def _config_entry(config: dict, dotted: str) -> Any:
   return config
 
 
-def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json, or checks that an existing run in `workdir` was started with a compatible config."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  current = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Refuses a workdir whose run was started with an incompatible config (reads only)."""
+  path = workdir / 'config.json'
+  if path.exists():
+    previous = json.loads(path.read_text())
+    current = json.loads(config.to_json())
     for key in _RESUME_KEYS:
       if _config_entry(previous, key) != _config_entry(current, key):
-        raise ValueError(f'{workdir} holds a run with a different `{key}`; use a new --workdir '
-                         f'(or the same config) so its checkpoints are not mixed with this run')
+        raise ConfigError(f'{workdir} holds a run with a different `{key}`; use a new --workdir '
+                          f'(or the same config) so its checkpoints are not mixed with this run')
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """config.json, from the primary host only and atomically, so no host ever reads a half-written file."""
   if distributed.is_primary_host():
-    with open(path, 'w') as f:
-      json.dump(current, f, indent=2)
-
-
-@contextlib.contextmanager
-def _preemption_flag():
-  """Yields a dict whose 'stop' turns True on SIGTERM, so the loop can checkpoint and exit cleanly."""
-  flag = {'stop': False}
-
-  def handler(signum, frame):
-    del signum, frame
-    flag['stop'] = True
-
-  previous = signal.signal(signal.SIGTERM, handler)
-  try:
-    yield flag
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(workdir / 'config.json', config.to_json(indent=2))
 
 
 def _format_eta(seconds: float) -> str:
@@ -120,43 +89,46 @@ def _format_eta(seconds: float) -> str:
   return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
                        stop_after_step: Optional[int] = None) -> dict[str, float]:
   """Trains (resuming from `workdir` if it holds checkpoints) and returns the final eval results.
 
   Args:
     config: the experiment config (`configs/nfnet.py`).
-    workdir: checkpoints, config.json, metrics.jsonl and TensorBoard files go here.
+    workdir: checkpoints, config.json, metrics.jsonl and TensorBoard files go here (local or e.g. gs://).
     stop_after_step: behave as if preempted once this step is reached: checkpoint and return an empty
       dict. For tests and for splitting a run into chunks on a scheduler.
   """
   primary = distributed.is_primary_host()
   say = print if primary else (lambda *a, **k: None)
 
+  workdir = checkpoint.absolute(workdir)
   info = sources.dataset_info(config.data)
   if info.num_classes != config.model.num_classes:
-    raise ValueError(f'dataset {config.data.name!r} has {info.num_classes} classes but '
+    raise ConfigError(f'dataset {config.data.name!r} has {info.num_classes} classes but '
                      f'config.model.num_classes is {config.model.num_classes}')
   num_train_examples = len(sources.get_source(config.data, config.data.train_split))
-  _prepare_workdir(config, workdir)  # only once the data is known to be there
+  _check_workdir(config, workdir)
   setup = setup_training(config, num_train_examples)
   total_steps = setup.total_steps
   train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                             seed=config.seed, num_classes=info.num_classes)
 
-  state = initial_train_state(setup, config)
-  checkpointer = checkpoint.TrainingCheckpointer(
-      os.path.join(workdir, 'checkpoints'), save_every=config.train.checkpoint_every_steps,
-      keep=config.train.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state = checkpointer.restore(latest, state, train_iter)
-    say(f'resumed from step {latest} in {workdir}')
+  # Nothing is written before the data, the config and any checkpoint to start from have proven usable.
+  new_checkpointer = lambda: checkpoint.TrainingCheckpointer(
+      workdir / 'checkpoints', save_every=config.train.checkpoint_every_steps, keep=config.train.keep_checkpoints)
+  checkpointer = new_checkpointer() if (workdir / 'checkpoints').exists() else None
+  state, origin = train_state_lib.create_train_state(setup, config, checkpointer=checkpointer,
+                                                     data_iterator=train_iter)
+  _write_config(config, workdir)
+  checkpointer = checkpointer or new_checkpointer()
+  say(f'{origin} ({workdir})')
   meta = {'config': json.loads(config.to_json()), 'model': config.model.to_dict()}
 
   p_train_step = jax.pmap(setup.train_step, axis_name=train_step_lib.AXIS_NAME,
                           donate_argnums=() if jax.default_backend() == 'cpu' else (0,))
-  p_eval_step = jax.pmap(train_step_lib.make_eval_step(setup.forward), axis_name=train_step_lib.AXIS_NAME)
+  eval_forward = models.make_forward(config.model, config.precision.eval_compute_dtype)
+  p_eval_step = jax.pmap(train_step_lib.make_eval_step(eval_forward), axis_name=train_step_lib.AXIS_NAME)
 
   def run_eval(replicated_state) -> dict[str, float]:
     eval_iter = pipeline.make_eval_iterator(config.data, global_batch_size=config.train.eval_batch_size)
@@ -166,8 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step = int(state.step)
   replicated = distributed.replicate(state, train_step_lib.AXIS_NAME)
   say(f'training {config.model.name} {config.model.variant} on {config.data.name} for {total_steps} steps '
-      f'({setup.steps_per_epoch} per epoch, batch {config.train.batch_size}, {jax.local_device_count()} local '
-      f'device(s), {jax.process_count()} host(s))')
+      f'({num_train_examples} examples per epoch, batch {config.train.batch_size}, {jax.local_device_count()} '
+      f'local device(s), {jax.process_count()} host(s))')
 
   def save(force: bool = False) -> None:
     if checkpointer.wants(step, force):  # copying the state off the devices is not free: only when saving
@@ -185,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   results: dict[str, float] = {}
   try:
-    with _preemption_flag() as preempted:
+    with preemption.Watcher() as preempted:
       window_start, window_steps = time.time(), 0
       pending_check = None
       while step < total_steps:
@@ -210,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               f'| lr {metrics["learning_rate"]:.4g} | {metrics["images_per_sec"]:.0f} img/s '
               f'| ETA {_format_eta(eta)}', flush=True)
           window_start, window_steps = time.time(), 0
-        if preempted['stop'] or step == stop_after_step:
+        if preempted.reached(step) or step == stop_after_step:
           check_finite(*pending_check)
           save(force=True)
           say(f'checkpointed step {step} and stopped (preemption); rerun the same command to resume')

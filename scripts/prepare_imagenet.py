@@ -1,6 +1,8 @@
 r"""One-time ImageNet preparation: the ILSVRC2012 tars -> TFDS imagenet2012 in array_record.
 
   python -m scripts.prepare_imagenet --manual_dir ~/imagenet_tars --data_dir ~/tensorflow_datasets
+  python -m scripts.prepare_imagenet --manual_dir ~/imagenet_tars --config configs/nfnet.py:F0 \
+      --config.data.data_dir=gs://bucket/tensorflow_datasets
 
 `--manual_dir` holds the archives downloaded from image-net.org: ILSVRC2012_img_train.tar
 (1000 per-synset tars inside) and ILSVRC2012_img_val.tar (flat JPEGs); ILSVRC2012_img_test.tar is
@@ -18,9 +20,11 @@ import types
 
 from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 from PIL import Image
+
+from experiments import common
+from nfnets.errors import DataNotFoundError
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
 VAL_TAR = 'ILSVRC2012_img_val.tar'
@@ -30,7 +34,8 @@ _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', None, f'Directory holding {TRAIN_TAR} and/or {VAL_TAR}.')
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'TFDS data directory to write to (default: $TFDS_DATA_DIR or '
-    '~/tensorflow_datasets); point config.data.data_dir here.')
+    '~/tensorflow_datasets, or --config\'s data.data_dir); point config.data.data_dir here.')
+_CONFIG = common.define_config_flag('Config whose data.data_dir to prepare, when --data_dir is not given.')
 
 
 def _as_text(value: bytes | str) -> str:
@@ -86,12 +91,12 @@ def prepare_imagenet(manual_dir: str, data_dir: str | None = None) -> str:
   """Builds imagenet2012 (array_record) from the tars in `manual_dir`; returns the data dir.
 
   Raises:
-    FileNotFoundError: `manual_dir` holds neither the train nor the validation archive.
+    DataNotFoundError: `manual_dir` holds neither the train nor the validation archive.
   """
   import tensorflow_datasets as tfds
   manual_dir = os.path.expanduser(manual_dir)
-  if not any(os.path.isfile(os.path.join(manual_dir, name)) for name in (TRAIN_TAR, VAL_TAR)):
-    raise FileNotFoundError(
+  if not any((epath.Path(manual_dir) / name).is_file() for name in (TRAIN_TAR, VAL_TAR)):
+    raise DataNotFoundError(
         f'Neither {TRAIN_TAR} nor {VAL_TAR} is in --manual_dir={manual_dir}; download them from '
         'https://image-net.org/download-images into that directory.')
   data_dir = os.path.expanduser(
@@ -110,14 +115,10 @@ def prepare_imagenet(manual_dir: str, data_dir: str | None = None) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    data_dir = prepare_imagenet(_MANUAL_DIR.value, _DATA_DIR.value)
-  except FileNotFoundError as error:
-    raise SystemExit(f'prepare_imagenet: {error}') from None
-  logging.info('imagenet2012 is ready under %s', data_dir)
+  data_dir = prepare_imagenet(_MANUAL_DIR.value, _DATA_DIR.value or _CONFIG.value.data.data_dir)
   print(f'imagenet2012 is ready; train with config.data.data_dir={data_dir}')
 
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('manual_dir')
-  app.run(main)
+  common.run(main)

@@ -191,7 +191,7 @@ def test_update_without_params_and_bad_settings_raise():
 
 def test_exclusion_mask_on_a_real_nfnet_param_tree():
   import haiku as hk
-  from nfnets import nfnet
+  from nfnets.models import nfnet
   forward = hk.transform(lambda x: nfnet.NFNet(num_classes=10, variant='F0', depths=(1, 1, 1, 1),
                                                widths=(32, 64, 96, 128))(x, is_training=True))
   shapes = jax.eval_shape(forward.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

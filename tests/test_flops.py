@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from nfnets import flops
+from nfnets import models
 
 # Published MACs at the test resolution (billions) and parameter counts (millions).
 PUBLISHED_MACS = {'F1': (320, 35.54), 'F2': (352, 62.59), 'F3': (416, 114.76),
@@ -45,23 +46,27 @@ def test_macs_recurse_into_sub_jaxprs():
   assert flops.count_macs(jax.grad(lambda a, b: (a @ b).sum()), a, b) == 2 * 512
 
 
+def _model(variant):
+  return models.model_config('nfnet', variant).to_dict()
+
+
 def test_f0_macs_match_published():
-  assert flops.nfnet_macs('F0', 256) / 1e9 == pytest.approx(12.38, rel=5e-3)
-  assert flops.nfnet_macs('F0', 192) / 1e9 == pytest.approx(6.98, rel=5e-3)
+  assert flops.model_macs(_model('F0'), 256) / 1e9 == pytest.approx(12.38, rel=5e-3)
+  assert flops.model_macs(_model('F0'), 192) / 1e9 == pytest.approx(6.98, rel=5e-3)
 
 
 @pytest.mark.parametrize('variant', _cheap_first(PUBLISHED_MACS, 2))
 def test_larger_variant_macs_match_published(variant):
   resolution, billions = PUBLISHED_MACS[variant]
-  assert flops.nfnet_macs(variant, resolution) / 1e9 == pytest.approx(billions, rel=5e-3)
+  assert flops.model_macs(_model(variant), resolution) / 1e9 == pytest.approx(billions, rel=5e-3)
 
 
 @pytest.mark.parametrize('variant', _cheap_first(PUBLISHED_PARAMS, 4))
 def test_parameter_counts_match_published(variant):
-  assert flops.nfnet_param_count(variant) / 1e6 == pytest.approx(PUBLISHED_PARAMS[variant],
+  assert flops.param_count(_model(variant)) / 1e6 == pytest.approx(PUBLISHED_PARAMS[variant],
                                                                  abs=0.005)
 
 
 def test_unknown_variant():
-  with pytest.raises(ValueError, match='Unknown NFNet variant'):
-    flops.nfnet_macs('F10', 224)
+  with pytest.raises(ValueError, match="unknown nfnet variant 'F10'"):
+    flops.model_macs(dict(_model('F0'), variant='F10'), 224)

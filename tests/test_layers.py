@@ -1,4 +1,4 @@
-"""Tests for nfnets.layers: WS conv, gamma activations, squeeze-excite, stochastic depth."""
+"""Tests for nfnets.models.layers: WS conv, gamma activations, squeeze-excite, stochastic depth."""
 import math
 
 import haiku as hk
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from nfnets import layers
+from nfnets.models import layers
 
 
 def _exact_gamma(fn) -> float:

@@ -1,4 +1,4 @@
-"""Tests for nfnets.nfnet: names, variants, reference equivalence, training mode, signal flow."""
+"""Tests for nfnets.models.nfnet: names, variants, reference equivalence, training mode, signal flow."""
 import math
 
 import haiku as hk
@@ -8,7 +8,9 @@ import jmp
 import numpy as np
 import pytest
 
-from nfnets import nfnet
+from configs import nfnet as nfnet_configs
+from nfnets import models
+from nfnets.models import nfnet
 from tests import reference_forward
 
 SMALL = dict(widths=(32, 64, 96, 96), depths=(1, 2, 2, 1), group_width=16)
@@ -36,14 +38,37 @@ def small_eval():
   return jax.jit(model.apply), reference_forward.random_params(shapes, seed=1), images
 
 
-def test_variant_table():
-  assert nfnet.VARIANTS['F0'] == dict(depths=(1, 2, 6, 3), train_imsize=192, test_imsize=256,
-                                      randaugment_magnitude=5, drop_rate=0.2)
+def test_variant_table_holds_architecture_and_the_configs_hold_the_recipe():
+  assert nfnet.VARIANTS['F0'] == dict(depths=(1, 2, 6, 3), widths=(256, 512, 1536, 1536))
   assert [nfnet.VARIANTS[f'F{i}']['depths'][2] for i in range(8)] == [6 * (i + 1) for i in range(8)]
-  assert [nfnet.VARIANTS[f'F{i}']['test_imsize'] for i in range(8)] == [
-      256, 320, 352, 416, 512, 544, 576, 608]
   assert nfnet.VARIANTS['F3+']['widths'] == (384, 768, 2048, 2048)
   assert nfnet.VARIANTS['F3+']['depths'] == nfnet.VARIANTS['F3']['depths']
+  configs = [nfnet_configs.get_config(f'F{i}') for i in range(8)]
+  assert [c.data.eval_resolution for c in configs] == [256, 320, 352, 416, 512, 544, 576, 608]
+  assert [c.data.train_resolution for c in configs] == [192, 224, 256, 320, 384, 416, 448, 480]
+  assert [c.data.randaugment_magnitude for c in configs] == [5, 10, 10, 15, 15, 15, 15, 15]
+  assert [c.model.drop_rate for c in configs] == [0.2, 0.3, 0.4, 0.4, 0.5, 0.5, 0.5, 0.5]
+  # The table's SAM rows: F5 both ways, F6 only with SAM.
+  assert [nfnet_configs.get_config(a).optimizer.sam_rho for a in ('F5', 'F5-sam', 'F6', 'F6+')] == [
+      0.0, 0.05, 0.05, 0.05]
+  assert nfnet_configs.get_config('F3+').model.variant == 'F3+'
+  with pytest.raises(ValueError, match="unknown NFNet variant 'F9'"):
+    nfnet_configs.get_config('F9')
+
+
+def test_registry_builds_the_family_from_its_config_section():
+  family = models.get_family('nfnet')
+  assert family.module is nfnet.NFNet and family.classifier_module == 'NFNet/~/linear'
+  config = nfnet_configs.get_config('tiny').model
+  assert set(config) - {'name'} <= set(nfnet.NFNet.__init__.__code__.co_varnames)
+  params, state = models.abstract_params(config)
+  assert state == {} and params['NFNet/~/linear']['w'].shape == (256, 10)
+  with pytest.raises(models.ConfigError, match="unknown model 'resnet'"):
+    models.get_family('resnet')
+  with pytest.raises(models.ConfigError, match='float16 needs loss scaling'):
+    models.make_forward(config, 'float16')
+  assert models.contradiction(config.to_dict(), dict(config.to_dict(), drop_rate=0.5)) is None
+  assert models.contradiction(config.to_dict(), dict(config.to_dict(), variant='F1')) == "variant 'F0' vs 'F1'"
 
 
 def test_f0_module_names_follow_reference_checkpoints():
@@ -82,16 +107,18 @@ def test_wide_variant_and_width_multiplier():
 
 
 def test_bad_arguments_raise_clear_errors():
-  with pytest.raises(ValueError, match=r"Unknown NFNet variant 'F9'.*F0, F1"):
+  # Bad arguments are the user's (one-line ConfigErrors); a wrongly shaped input is a bug (a plain ValueError).
+  with pytest.raises(models.ConfigError, match=r"unknown NFNet variant 'F9'.*F0, F1"):
     _abstract_params('F9')
-  with pytest.raises(ValueError, match=r"Unknown activation 'gleu'"):
+  with pytest.raises(models.ConfigError, match=r"Unknown activation 'gleu'"):
     _abstract_params(activation='gleu')
-  with pytest.raises(ValueError, match='4 stages'):
+  with pytest.raises(models.ConfigError, match='4 stages'):
     _abstract_params(depths=(1, 2, 3))
   model = hk.transform(lambda x: nfnet.NFNet(10)(x, False))
-  with pytest.raises(ValueError, match='NHWC RGB'):
+  with pytest.raises(ValueError, match='NHWC RGB') as raised:
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 3, 32, 32),
                                                                            jnp.float32))
+  assert not isinstance(raised.value, models.UserError)
 
 
 def test_block_betas_follow_expected_std_bookkeeping():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nfnets import agc
-from nfnets import nfnet
+from nfnets.models import nfnet
 from nfnets import optim
 
 
@@ -83,10 +83,10 @@ def numpy_clip(grads, params, mode, clipping):
   return clipped
 
 
-def numpy_sgd_run(params, grads_per_step, config, *, batch_size, steps_per_epoch, total_steps):
+def numpy_sgd_run(params, grads_per_step, config, *, batch_size, examples_per_epoch, total_steps):
   """clip -> g += wd * w (weights only) -> Nesterov momentum -> w -= lr(step) * d, in float64."""
   peak = config.base_learning_rate * batch_size / config.reference_batch_size
-  warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+  warmup_steps = math.ceil(config.warmup_epochs * examples_per_epoch / batch_size)
   params = jax.tree.map(lambda p: p.astype(np.float64), params)
   trace = jax.tree.map(np.zeros_like, params)
   for step, grads in enumerate(grads_per_step):
@@ -134,7 +134,7 @@ def assert_trees_close(result, expected, **tolerances):
 
 
 # 2 warmup steps then 4 cosine steps; batch 512 doubles the base rate.
-CHAIN_SIZES = dict(batch_size=512, steps_per_epoch=2, total_steps=6)
+CHAIN_SIZES = dict(batch_size=512, examples_per_epoch=1024, total_steps=6)
 
 
 def test_agc_chain_matches_numpy_update_order_across_warmup_into_cosine_on_a_real_nfnet():
@@ -169,11 +169,11 @@ def test_masks_pick_exactly_the_intended_leaves_of_a_real_nfnet():
 
 def test_learning_rate_schedule_values():
   config = optimizer_config(warmup_epochs=2.5)
-  schedule = optim.learning_rate_schedule(config, batch_size=1024, steps_per_epoch=4, total_steps=40)
+  schedule = optim.learning_rate_schedule(config, batch_size=1024, examples_per_epoch=4096, total_steps=40)
   for step in (0, 3, 9, 10, 11, 25, 39, 40):
     assert float(schedule(step)) == pytest.approx(numpy_lr(step, 0.4, 10, 40), abs=1e-7)
   constant = optim.learning_rate_schedule(optimizer_config(schedule='constant', warmup_epochs=0), batch_size=256,
-                                          steps_per_epoch=4, total_steps=40)
+                                          examples_per_epoch=1024, total_steps=40)
   assert [float(constant(s)) for s in (0, 20, 39)] == pytest.approx([0.1, 0.1, 0.1])
 
 
@@ -183,7 +183,7 @@ def test_adamw_steps_and_decays_only_masked_leaves():
   params = small_params()
   zero_grads = jax.tree.map(np.zeros_like, params)
   # With zero gradients Adam's first step is 0, so the update is the decoupled decay -lr * wd * w alone.
-  optimizer = optim.build_optimizer(config, batch_size=256, steps_per_epoch=10, total_steps=100)
+  optimizer = optim.build_optimizer(config, batch_size=256, examples_per_epoch=2560, total_steps=100)
   after_one, _ = run_optimizer(optimizer, params, [zero_grads])
   expected = jax.tree.map(lambda p: p * (1 - 0.01 * 0.1) if p.ndim >= 2 else p, params)
   assert_trees_close(after_one, expected, rtol=1e-6)
@@ -199,7 +199,7 @@ def quadratic_loss(params, batch):
 
 def test_sam_follows_the_documented_pmapped_calling_convention():
   config = optimizer_config(sam_rho=0.05, warmup_epochs=0, clip_mode='agc')
-  sizes = dict(batch_size=256, steps_per_epoch=10, total_steps=100)
+  sizes = dict(batch_size=256, examples_per_epoch=2560, total_steps=100)
   assert optim.needs_grad_fn(config) and not optim.needs_grad_fn(optimizer_config())
   sam = optim.build_optimizer(config, **sizes)
   plain = optim.build_optimizer(optimizer_config(warmup_epochs=0, clip_mode='agc'), **sizes)
@@ -256,7 +256,7 @@ def test_sam_follows_the_documented_pmapped_calling_convention():
 def test_bad_settings_raise_clear_errors(field, value, message):
   config = optimizer_config(**{field: value})
   with pytest.raises(ValueError, match=message):
-    optim.build_optimizer(config, batch_size=256, steps_per_epoch=10, total_steps=100)
+    optim.build_optimizer(config, batch_size=256, examples_per_epoch=2560, total_steps=100)
 
 
 def test_ema_decay_schedule_and_update():

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets import nfnet
+from nfnets import models
+from nfnets.models import nfnet
 from nfnets import pretrained
 from tests import reference_forward
 from tests import reference_pickle
@@ -223,7 +224,7 @@ def test_truncated_missing_and_non_tree_files_are_reported_with_their_path(tmp_p
   empty = tmp_path / 'empty.npz'
   empty.write_bytes(b'')
   assert 'truncated' in _load_error(empty)
-  with pytest.raises(FileNotFoundError, match='absent.npz.* does not exist'):
+  with pytest.raises(pretrained.CheckpointError, match='absent.npz does not exist'):
     pretrained.load_official_params(tmp_path / 'absent.npz')
   listing = tmp_path / 'list.npz'
   listing.write_bytes(pickle.dumps([1, 2, 3]))
@@ -236,15 +237,20 @@ def test_truncated_missing_and_non_tree_files_are_reported_with_their_path(tmp_p
   assert "unknown module 'other'" in _load_error(not_nfnet)
 
 
+def expected_shapes(variant):
+  params, _ = models.abstract_params(models.model_config('nfnet', variant))
+  return {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in params.items()}
+
+
 def _zeros_tree(variant):
   # np.zeros is lazily allocated, so full-size trees cost almost nothing here.
   return {m: {n: np.zeros(s, np.float32) for n, s in p.items()}
-          for m, p in pretrained.expected_shapes(variant).items()}
+          for m, p in expected_shapes(variant).items()}
 
 
 @pytest.mark.parametrize('variant', ['F0', 'F1', 'F2+'])
 def test_infer_variant(variant):
-  assert pretrained.infer_variant(_zeros_tree(variant)) == variant
+  assert nfnet.infer_variant(_zeros_tree(variant)) == variant
 
 
 def test_wrong_trees_are_rejected_with_the_culprit_named():
@@ -252,25 +258,25 @@ def test_wrong_trees_are_rejected_with_the_culprit_named():
   tree['NFNet/~/nf_block_2/~/conv1']['w'] = np.zeros((3, 3, 64, 256), np.float32)
   with pytest.raises(pretrained.CheckpointError,
                      match=r'nf_block_2/~/conv1/w has shape \(3, 3, 64, 256\), expected'):
-    pretrained.check_params(tree, 'F0')
+    pretrained.recognise(tree)
   tree = _zeros_tree('F0')
   tree['NFNet/~/nf_block/~/attention'] = {'w': np.zeros((2,), np.float32)}
   with pytest.raises(pretrained.CheckpointError,
                      match="unknown module 'NFNet/~/nf_block/~/attention'"):
-    pretrained.check_params(tree, 'F0')
+    pretrained.recognise(tree)
   tree = _zeros_tree('F0')
   del tree['NFNet/~/nf_block_4/~/squeeze_excite/~/linear_1']
   with pytest.raises(pretrained.CheckpointError,
                      match="missing module.*nf_block_4/~/squeeze_excite"):
-    pretrained.check_params(tree, 'F0')
+    pretrained.recognise(tree)
   tree = _zeros_tree('F0')
   tree['NFNet/~/nf_block_13/~/conv0'] = tree['NFNet/~/nf_block_11/~/conv0']
   with pytest.raises(pretrained.CheckpointError, match='not numbered'):
-    pretrained.infer_variant(tree)
+    nfnet.infer_variant(tree)
   tree = _zeros_tree('F0')
   del tree['NFNet/~/final_conv']['gain']
   with pytest.raises(pretrained.CheckpointError, match=r"final_conv has params \['bias', 'w'\]"):
-    pretrained.check_params(tree, 'F0')
+    pretrained.recognise(tree)
 
 
 # Size of the published F0_haiku.npz, in bytes (spec: "Public reference checkpoints").
@@ -278,7 +284,7 @@ PUBLISHED_F0_SIZE = 285_976_842
 
 
 def test_f0_checkpoint_in_the_reference_layout_loads_and_matches_reference_forward(tmp_path):
-  shapes = pretrained.expected_shapes('F0', num_classes=1000)
+  shapes = expected_shapes('F0')
   params = reference_forward.random_params(shapes, seed=3)
   path = tmp_path / 'F0_haiku.npz'
   with reference_pickle.stand_in_modules() as stand_ins, open(path, 'wb') as f:
@@ -289,9 +295,9 @@ def test_f0_checkpoint_in_the_reference_layout_loads_and_matches_reference_forwa
   # Loaded with the stand-ins gone: nothing of Haiku's or dill's pickled names is needed.
   loaded, variant = pretrained.load_official_params(path)
   assert variant == 'F0'
-  assert pretrained.num_classes_of(loaded) == 1000
+  assert nfnet.num_classes_of(loaded) == 1000
   assert pretrained.param_count(loaded) == 71_489_284
-  with pytest.raises(pretrained.CheckpointError, match='holds NFNet-F0, not the requested'):
+  with pytest.raises(pretrained.CheckpointError, match='holds F0, not the requested F1'):
     pretrained.load_official_params(path, variant='F1')
 
   model = hk.transform(

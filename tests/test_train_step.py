@@ -5,6 +5,7 @@ import numpy as np
 
 from nfnets import distributed
 from nfnets import train_step as train_step_lib
+from nfnets import train_state
 from nfnets import trainer
 from tests import tiny_setup
 
@@ -17,7 +18,7 @@ def _setup(config=None):
   """The trainer's own step and initial state for `config` (default: the shared tiny set-up)."""
   config = config or tiny_setup.tiny_config()
   setup = trainer.setup_training(config, tiny_setup.DIGITS_TRAIN_EXAMPLES)
-  return setup.forward, trainer.initial_train_state(setup, config), setup.train_step
+  return setup.forward, train_state.fresh_train_state(setup.forward, setup.optimizer, config.seed, config.data.train_resolution), setup.train_step
 
 
 def _batch(num_devices, per_device, seed=0):

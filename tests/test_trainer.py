@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nfnets import checkpoint
-from nfnets import evaluate
+from nfnets import errors
 from nfnets import trainer
 from nfnets.data import pipeline
 from tests import tiny_setup
@@ -26,7 +26,7 @@ def _logged(workdir, key):
 
 
 def _final_weights(workdir):
-  return evaluate.load_checkpoint_weights(os.path.join(workdir, 'checkpoints'), tiny_config().model)[1]
+  return checkpoint.read(os.path.join(workdir, 'checkpoints')).weight_sets
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +131,7 @@ def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_p
   config = tiny_config()
   config.train.max_consecutive_nonfinite = 3
   workdir = str(tmp_path / 'nan')
-  with pytest.raises(trainer.TrainingError, match='3 consecutive non-finite losses or gradients at step 15'):
+  with pytest.raises(errors.TrainingError, match='3 consecutive non-finite losses or gradients at step 15'):
     trainer.train_and_evaluate(config, workdir)
   # The step-10 checkpoint is the last one and holds finite weights; the poisoned steps changed nothing.
   assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 from nfnets.data import digits
+from nfnets.errors import ConfigError
+from nfnets.errors import DataNotFoundError
 
 IMAGENET_NAME = 'imagenet2012'
 IMAGENET_NUM_CLASSES = 1000
@@ -26,10 +28,6 @@ SYNTHETIC_NUM_EXAMPLES = {'train': 1024, 'validation': 256, 'test': 256}
 _SYNTHETIC_SPLIT_STREAMS = {'train': 0, 'validation': 1, 'test': 2}
 
 DATASET_NAMES = ('imagenet2012', 'digits', 'synthetic')
-
-
-class DataNotFoundError(FileNotFoundError):
-  """A dataset that has to be prepared beforehand is not where the config points."""
 
 
 class DatasetInfo(NamedTuple):
@@ -64,7 +62,7 @@ def get_source(data_config: ml_collections.ConfigDict, split: str) -> Sequence[d
   data_dir = data_config.get('data_dir')
   if name == 'synthetic':
     if split not in SYNTHETIC_NUM_EXAMPLES:
-      raise ValueError(f'Unknown synthetic split {split!r}; use one of '
+      raise ConfigError(f'Unknown synthetic split {split!r}; use one of '
                        f'{sorted(SYNTHETIC_NUM_EXAMPLES)}.')
     return SyntheticSource(SYNTHETIC_NUM_EXAMPLES[split], stream=_SYNTHETIC_SPLIT_STREAMS[split])
   if name == 'digits':
@@ -84,7 +82,7 @@ def imagenet_default_data_dir() -> str:
 def _checked_name(data_config: ml_collections.ConfigDict) -> str:
   name = data_config.name
   if name not in DATASET_NAMES:
-    raise ValueError(f'Unknown dataset {name!r} in config.data.name; use one of {DATASET_NAMES}.')
+    raise ConfigError(f'Unknown dataset {name!r} in config.data.name; use one of {DATASET_NAMES}.')
   return name
 
 

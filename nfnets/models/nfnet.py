@@ -15,43 +15,36 @@ Module names of a model built with the default name (``i`` counts blocks over al
   NFNet/~/final_conv                              1x1 WSConv2D to 2x the last stage width
   NFNet/~/linear                                  classifier: w, b
 """
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-from nfnets import layers
+from nfnets import models
+
+from nfnets.errors import CheckpointError
+from nfnets.errors import ConfigError
+from nfnets.models import layers
 
 WIDTHS = (256, 512, 1536, 1536)
 WIDE_WIDTHS = (384, 768, 2048, 2048)
 STRIDES = (1, 2, 2, 2)
 
-
-def _variant(depth_multiple: int, train_imsize: int, test_imsize: int, magnitude: int,
-             drop_rate: float) -> dict[str, Any]:
-  return dict(depths=tuple(d * depth_multiple for d in (1, 2, 6, 3)), train_imsize=train_imsize,
-              test_imsize=test_imsize, randaugment_magnitude=magnitude, drop_rate=drop_rate)
-
-
+# The architecture table: F1..F7 multiply F0's stage depths; the wide '+' variants widen the stages.
+# Recipe numbers (resolutions, RandAugment, dropout) are the configs' (configs/nfnet.py), not the model's.
 VARIANTS: dict[str, dict[str, Any]] = {
-    'F0': _variant(1, 192, 256, 5, 0.2),
-    'F1': _variant(2, 224, 320, 10, 0.3),
-    'F2': _variant(3, 256, 352, 10, 0.4),
-    'F3': _variant(4, 320, 416, 15, 0.4),
-    'F4': _variant(5, 384, 512, 15, 0.5),
-    'F5': _variant(6, 416, 544, 15, 0.5),
-    'F6': _variant(7, 448, 576, 15, 0.5),
-    'F7': _variant(8, 480, 608, 15, 0.5),
-}
-# Wide variants share depths and recipe with their base variant, only the stage widths differ.
-VARIANTS.update({f'{name}+': dict(cfg, widths=WIDE_WIDTHS) for name, cfg in list(VARIANTS.items())})
+    f'F{i}': dict(depths=tuple(d * (i + 1) for d in (1, 2, 6, 3)), widths=WIDTHS) for i in range(8)}
+VARIANTS.update({f'{name}+': dict(entry, widths=WIDE_WIDTHS) for name, entry in list(VARIANTS.items())})
 
 
 def get_variant(variant: str) -> dict[str, Any]:
-  """The VARIANTS entry for `variant`, with a clear error for unknown names."""
+  """The VARIANTS entry for `variant`, with a one-line error for unknown names."""
   if variant not in VARIANTS:
-    raise ValueError(f'Unknown NFNet variant {variant!r}; known variants: {", ".join(VARIANTS)}.')
+    raise ConfigError(f'unknown NFNet variant {variant!r}; known: {", ".join(VARIANTS)}')
   return VARIANTS[variant]
 
 
@@ -124,26 +117,27 @@ class NFNet(hk.Module):
   ({block module name: {'avg_sq_mean', 'avg_var', 'res_avg_var'}}, float32 scalars of the
   block output's channel statistics and of the residual branch's variance).
 
-  `width` multiplies the stage widths; `depths`/`widths` override the variant's. `grouped_conv`
+  `width` multiplies the stage widths; `depths`/`widths` override the variant's. `drop_rate` is the head's
+  dropout (the paper's per-variant rates are in configs/nfnet.py). `grouped_conv`
   picks how grouped 3x3 convs run: 'native' (one grouped conv), 'split' (one conv per group,
   same parameters and results; much faster on XLA CPU) or 'auto' (split on CPU only).
   """
 
   def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0,
                alpha: float = 0.2, se_ratio: float = 0.5, stochdepth_rate: float = 0.25,
-               drop_rate: float | None = None, activation: str = 'gelu',
+               drop_rate: float = 0.0, activation: str = 'gelu',
                depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
                group_width: int = 128, grouped_conv: str = 'auto', name: str = 'NFNet'):
     super().__init__(name=name)
     config = get_variant(variant)
     self.num_classes = num_classes
     self.depths = tuple(depths if depths is not None else config['depths'])
-    base_widths = widths if widths is not None else config.get('widths', WIDTHS)
+    base_widths = widths if widths is not None else config['widths']
     self.widths = tuple(int(w * width) for w in base_widths)
     if len(self.depths) != len(STRIDES) or len(self.widths) != len(STRIDES):
-      raise ValueError(f'depths and widths need {len(STRIDES)} stages, got {self.depths} and '
-                       f'{self.widths}.')
-    self.drop_rate = config['drop_rate'] if drop_rate is None else drop_rate
+      raise ConfigError(f'depths and widths need {len(STRIDES)} stages, got {self.depths} and '
+                        f'{self.widths}')
+    self.drop_rate = drop_rate
     self.activation = layers.get_activation(activation)
     conv = lambda ch, stride, name: layers.WSConv2D(ch, 3, stride=stride, name=name)
     self.stem = [conv(16, 2, 'stem_conv0'), conv(32, 1, 'stem_conv1'),
@@ -190,3 +184,84 @@ class NFNet(hk.Module):
     if return_metrics:
       return dict(logits=logits, pooled_features=pooled, signal_propagation=signal)
     return logits
+
+
+# ---- Reading the reference checkpoints' trees (module names as in the published F*_haiku.npz files). ----
+
+CLASSIFIER_MODULE = 'NFNet/~/linear'
+_BLOCK_RE = re.compile(r'^NFNet/~/nf_block(?:_(\d+))?(?:/~/.*)?$')
+_KNOWN_MODULE_RE = re.compile(
+    r'^NFNet/~/(?:stem_conv[0-3]|final_conv|linear|nf_block(?:_\d+)?'
+    r'(?:/~/(?:conv0|conv1|conv1b|conv2|conv_shortcut|squeeze_excite/~/linear(?:_1)?))?)$')
+
+
+def _block_name(index: int) -> str:
+  return 'NFNet/~/nf_block' + (f'_{index}' if index else '')
+
+
+def num_classes_of(params: Mapping[str, Mapping[str, Any]]) -> int:
+  """Number of classes of the classifier in an NFNet params tree."""
+  try:
+    return int(params[CLASSIFIER_MODULE]['w'].shape[-1])
+  except KeyError:
+    raise CheckpointError(f'checkpoint has no classifier {CLASSIFIER_MODULE}/w') from None
+
+
+def infer_variant(params: Mapping[str, Mapping[str, Any]]) -> str:
+  """Name of the NFNet variant ('F0'..'F7', 'F0+'..'F7+') whose architecture `params` describe."""
+  unknown = sorted(m for m in params if not _KNOWN_MODULE_RE.match(m))
+  if unknown:
+    raise CheckpointError(f'unknown module {unknown[0]!r} in checkpoint ({len(unknown)} unknown in all); '
+                          'expected NFNet reference names')
+  indices = {int(m.group(1) or 0) for m in map(_BLOCK_RE.match, params) if m}
+  if not indices or indices != set(range(max(indices) + 1)):
+    raise CheckpointError(f'checkpoint blocks are not numbered 0..n-1 (found {sorted(indices)})')
+  stage_starts = [i for i in sorted(indices) if f'{_block_name(i)}/~/conv_shortcut' in params]
+  if not stage_starts or stage_starts[0] != 0:
+    raise CheckpointError('checkpoint block 0 has no conv_shortcut; not an NFNet tree')
+  depths = tuple(np.diff(stage_starts + [len(indices)]).tolist())
+  try:
+    widths = tuple(int(params[f'{_block_name(i)}/~/conv2']['w'].shape[-1]) for i in stage_starts)
+  except KeyError as e:
+    raise CheckpointError(f'checkpoint is missing a block conv2 weight: {e}') from None
+  for name, entry in VARIANTS.items():
+    if entry['depths'] == depths and entry['widths'] == widths:
+      return name
+  raise CheckpointError(f'no NFNet variant has depths {depths} and widths {widths}')
+
+
+def config_from_reference(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """The model config entries a reference params tree implies: its variant and class count."""
+  return dict(variant=infer_variant(params), num_classes=num_classes_of(params))
+
+
+def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
+  """`config.model` for NFNet `variant`: the module's arguments (the configs add the recipe's dropout)."""
+  get_variant(variant)
+  return ml_collections.ConfigDict(dict(
+      name='nfnet',
+      variant=variant,
+      num_classes=1000,
+      width=1.0,
+      alpha=0.2,
+      se_ratio=0.5,
+      stochdepth_rate=0.25,
+      drop_rate=0.0,
+      activation='gelu',
+      group_width=128,
+      grouped_conv='auto',
+      # Architecture overrides for small presets; None keeps the variant's table entry.
+      depths=ml_collections.config_dict.placeholder(tuple),
+      widths=ml_collections.config_dict.placeholder(tuple),
+  ))
+
+
+models.register(models.ModelFamily(
+    name='nfnet',
+    module=NFNet,
+    variants=VARIANTS,
+    default_model_config=default_model_config,
+    classifier_module=CLASSIFIER_MODULE,
+    config_from_reference=config_from_reference,
+    training_only_keys=('drop_rate', 'stochdepth_rate', 'grouped_conv'),
+))

@@ -1,7 +1,7 @@
 """Building blocks of normaliser-free networks.
 
 Each block exists once here: the scaled weight-standardised convolution, the gamma-scaled
-activations, squeeze-excite and stochastic depth. Models (``nfnets.nfnet``) only compose them.
+activations, squeeze-excite and stochastic depth. Model families (``nfnets.models.*``) only compose them.
 """
 from typing import Callable, Sequence
 
@@ -9,6 +9,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nfnets.errors import ConfigError
 
 # gamma = 1 / std(act(z)) for z ~ N(0, 1), so that a gamma-scaled activation keeps unit variance.
 # The published constants were estimated from random samples, so they sit within ~0.1% of the
@@ -49,14 +51,14 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def _lookup_activation(name: str):
   if name not in _ACTIVATIONS:
-    raise ValueError(f'Unknown activation {name!r}; known activations: {", ".join(_ACTIVATIONS)}.')
+    raise ConfigError(f'Unknown activation {name!r}; known activations: {", ".join(_ACTIVATIONS)}.')
   return _ACTIVATIONS[name]
 
 
 def resolve_grouped_conv(mode: str) -> str:
   """Maps 'auto' to 'split' on CPU (XLA CPU runs grouped convs slowly) and 'native' elsewhere."""
   if mode not in GROUPED_CONV_MODES:
-    raise ValueError(f'Unknown grouped_conv mode {mode!r}; use one of {GROUPED_CONV_MODES}.')
+    raise ConfigError(f'Unknown grouped_conv mode {mode!r}; use one of {GROUPED_CONV_MODES}.')
   if mode == 'auto':
     return 'split' if jax.default_backend() == 'cpu' else 'native'
   return mode
