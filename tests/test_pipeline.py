@@ -114,15 +114,29 @@ def test_training_is_deterministic_given_the_seed():
   assert not np.array_equal(other['images'], next(_train(config, seed=3))['images'])
 
 
-def test_hosts_see_disjoint_shards_covering_the_split_each_epoch(coded_source):
+def test_hosts_see_disjoint_slices_covering_the_split_each_epoch(coded_source):
   config = _data_config(**_IDENTITY_AUGMENT)
-  # 30 examples per host in batches of 6: five batches are exactly one epoch.
+  # 60 examples in global batches of 12: five batches are exactly one epoch.
   seen = {}
   for host in (0, 1):
     iterator = _train(config, global_batch_size=12, process_index=host, process_count=2)
     seen[host] = sum((_ids(b['images']) for b in _take(iterator, 5)), [])
-    assert sorted(seen[host]) == list(range(host, len(coded_source), 2))
+    assert len(seen[host]) == 30
   assert sorted(seen[0] + seen[1]) == list(range(len(coded_source)))
+
+
+@pytest.mark.parametrize('augment', [_IDENTITY_AUGMENT, {}])
+def test_the_global_batch_does_not_depend_on_the_number_of_hosts(augment):
+  # Each host decodes its slice of the same global batch, with every per-example random choice keyed by
+  # the example's global position: 2 hosts x 1 device see exactly what 1 host x 2 devices sees.
+  config = _data_config(**{**augment, 'mix': 'none'})
+  one_host = _take(_train(config, global_batch_size=12, process_index=0, process_count=1, local_device_count=2), 3)
+  hosts = [_take(_train(config, global_batch_size=12, process_index=h, process_count=2, local_device_count=1), 3)
+           for h in (0, 1)]
+  for step, batch in enumerate(one_host):
+    for key in ('images', 'labels'):
+      joined = np.concatenate([hosts[0][step][key], hosts[1][step][key]], axis=0)
+      np.testing.assert_array_equal(batch[key], joined)
 
 
 def test_one_epoch_visits_every_example_of_the_host_then_reshuffles(coded_source):

@@ -1,7 +1,9 @@
 """Checkpoint conversion and classification from the command line, on a fake reference F0 checkpoint."""
 import io
-import json
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,16 +11,25 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from configs import nfnet as nfnet_configs
-from nfnets import evaluate
-from nfnets import pretrained
+from nfnets import checkpoint
+from nfnets import models
 from scripts import classify
 from scripts import convert_checkpoint
 from tests import reference_forward
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *args):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=300)
+
 
 @pytest.fixture(scope='module')
 def reference_file(tmp_path_factory):
-  params = reference_forward.random_params(pretrained.expected_shapes('F0', num_classes=1000), seed=5)
+  abstract, _ = models.abstract_params(models.model_config('nfnet', 'F0'))
+  shapes = {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in abstract.items()}
+  params = reference_forward.random_params(shapes, seed=5)
   path = tmp_path_factory.mktemp('reference') / 'F0_haiku.npz'
   path.write_bytes(pickle.dumps(params, protocol=4))
   return str(path), params
@@ -27,13 +38,16 @@ def reference_file(tmp_path_factory):
 @pytest.fixture(scope='module')
 def converted(reference_file, tmp_path_factory):
   destination = str(tmp_path_factory.mktemp('converted') / 'F0')
-  assert convert_checkpoint.main([reference_file[0], destination]) == 0
+  convert_checkpoint.convert(reference_file[0], destination)
   return destination
 
 
 def test_conversion_keeps_every_weight_and_the_variant(reference_file, converted):
-  model_config, weight_sets = evaluate.load_checkpoint_weights(converted, nfnet_configs.get_config('tiny').model)
-  assert (model_config.variant, model_config.num_classes, model_config.depths) == ('F0', 1000, None)
+  loaded = checkpoint.read(converted)
+  model_config, weight_sets = loaded.model_config, loaded.weight_sets
+  assert (model_config['variant'], model_config['num_classes'], model_config['depths']) == ('F0', 1000, None)
+  # The variant's published recipe comes with it: evaluated at F0's test resolution without a --config.
+  assert loaded.config['data']['eval_resolution'] == 256 and loaded.kind == 'project'
   assert set(weight_sets) == {''}
   params, _ = weight_sets['']
   expected = reference_file[1]
@@ -43,19 +57,22 @@ def test_conversion_keeps_every_weight_and_the_variant(reference_file, converted
       np.testing.assert_array_equal(params[module][name], value)
 
 
-def test_conversion_refuses_to_overwrite_and_reports_bad_input(reference_file, converted, tmp_path, capsys):
-  assert convert_checkpoint.main([reference_file[0], converted]) == 1
-  assert 'already exists' in capsys.readouterr().err
+def test_conversion_refuses_to_overwrite_and_reports_bad_input(reference_file, converted, tmp_path):
+  before = sorted(os.listdir(converted))
+  result = _run('scripts.convert_checkpoint', reference_file[0], converted)
+  assert result.returncode == 1 and 'already exists' in result.stderr and result.stderr.count('\n') == 1
+  assert sorted(os.listdir(converted)) == before
   evil = tmp_path / 'evil.npz'
-  evil.write_bytes(b'cos\nsystem\n(S"echo hacked"\ntR.')
-  assert convert_checkpoint.main([str(evil), str(tmp_path / 'out')]) == 1
-  err = capsys.readouterr().err
-  assert err.startswith('error:') and 'os' in err and err.count('\n') == 1
-  assert not (tmp_path / 'out').exists()
+  marker = tmp_path / 'hacked'
+  evil.write_bytes(f'cos\nsystem\n(S"touch {marker}"\ntR.'.encode())
+  result = _run('scripts.convert_checkpoint', str(evil), str(tmp_path / 'out'))
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.startswith('error:') and 'os.system' in result.stderr and str(evil) in result.stderr
+  assert result.stderr.count('\n') == 1
+  assert not (tmp_path / 'out').exists() and not marker.exists()
 
 
-def test_classify_gives_the_same_answer_from_the_pickle_and_the_conversion(reference_file, converted,
-                                                                          tmp_path, capsys):
+def test_classify_gives_the_same_answer_from_the_pickle_and_the_conversion(reference_file, converted, tmp_path):
   paths = []
   for name in ('china.jpg', 'flower.jpg'):
     buffer = io.BytesIO()
@@ -63,13 +80,24 @@ def test_classify_gives_the_same_answer_from_the_pickle_and_the_conversion(refer
     (tmp_path / name).write_bytes(buffer.getvalue())
     paths.append(str(tmp_path / name))
   # A small evaluation resolution keeps the full-size F0 cheap on CPU.
-  assert classify.main([*paths, '--checkpoint', reference_file[0], '--config', 'tiny', '--top', '3']) == 0
-  from_pickle = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert classify.main([*paths, '--checkpoint', converted, '--config', 'tiny', '--top', '3']) == 0
-  from_conversion = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  config = nfnet_configs.get_config('F0')
+  config.data.eval_resolution, config.data.eval_resize_margin = 32, 0
+  from_pickle = classify.classify(paths, checkpoint.read(reference_file[0]), config, top=3)
+  from_conversion = classify.classify(paths, checkpoint.read(converted), config, top=3)
   assert from_pickle == from_conversion
   assert [r['image'] for r in from_pickle] == paths
   for result in from_pickle:
     probabilities = result['probabilities']
     assert len(result['top_classes']) == 3 and probabilities == sorted(probabilities, reverse=True)
     assert 0 < sum(probabilities) <= 1.0 + 1e-6
+
+
+def test_a_config_that_contradicts_the_checkpoint_is_refused(reference_file, tmp_path):
+  image = tmp_path / 'digit.png'
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+  result = _run('scripts.classify', str(image), '--checkpoint', reference_file[0], '--config', 'configs/nfnet.py:F1')
+  assert result.returncode == 1
+  assert result.stderr.startswith('error: --config does not describe the model in') and "variant 'F1' vs 'F0'" in (
+      result.stderr) and result.stderr.count('\n') == 1
+  result = _run('scripts.classify', str(tmp_path / 'missing.jpg'), '--checkpoint', reference_file[0])
+  assert result.returncode == 1 and 'no image file' in result.stderr and result.stderr.count('\n') == 1

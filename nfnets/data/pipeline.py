@@ -1,13 +1,15 @@
 """grain input pipelines: resumable, host-sharded training batches and exact evaluation batches.
 
-Training (per host): this host's slice of the split -> shuffle (reshuffled every epoch) -> repeat
--> per example: decode with random-resized crop, flip (and RandAugment when it runs before mixing)
--> batch -> per batch: MixUp/CutMix, RandAugment after mixing, normalise -> thread prefetch
-(optionally worker processes) -> reshape to [local_devices, per_device, ...].
+Training: the whole split, shuffled (reshuffled every epoch) and repeated, is one global stream; global
+batch `s` is positions [s * B, (s + 1) * B), and each host decodes only its contiguous slice of every global
+batch -> per example: decode with random-resized crop, flip (and RandAugment when it runs before mixing)
+-> batch -> per batch: MixUp/CutMix, RandAugment after mixing, normalise -> thread prefetch (optionally
+worker processes) -> reshape to [local_devices, per_device, ...].
 
-Every random choice is derived from (seed, host, example position), so a run is deterministic,
-and the returned iterator's state (a small JSON-able dict) restores it exactly, also through
-`grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
+The order and every per-example random choice (crop, flip, RandAugment) are functions of (seed, global
+position) alone, so the global batch of a step is the same whatever the number of hosts and devices; only
+MixUp/CutMix pair and draw within each host's slice. The returned iterator's state (a small JSON-able dict)
+restores it exactly, also through `grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
 
 Evaluation visits each example of this host's slice once, in order, then pads with masked
 zero examples so that every host yields the same number of full batches (`num_eval_batches`),
@@ -16,6 +18,7 @@ which keeps multi-host collectives in step.
 Normalisation runs inside the parallel stages (prefetch threads or worker processes), so the
 consumer's thread only reshapes; prefetch buffers are bounded to one batch per thread.
 """
+import dataclasses
 import functools
 import math
 import os
@@ -30,6 +33,7 @@ from nfnets.data import mix
 from nfnets.data import ops_image
 from nfnets.data import randaugment
 from nfnets.data import sources
+from nfnets.errors import ConfigError
 
 MIX_MODES = ('mixup_cutmix', 'none')
 
@@ -37,11 +41,11 @@ MIX_MODES = ('mixup_cutmix', 'none')
 def host_batch_size(global_batch_size: int, process_count: int, local_device_count: int) -> int:
   """This host's share of the global batch; must split evenly over hosts and local devices."""
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'Global batch size {global_batch_size} must be a positive multiple of the '
+    raise ConfigError(f'Global batch size {global_batch_size} must be a positive multiple of the '
                      f'process count {process_count}.')
   per_host = global_batch_size // process_count
   if per_host % local_device_count:
-    raise ValueError(f'Per-host batch {per_host} (global {global_batch_size} / {process_count} '
+    raise ConfigError(f'Per-host batch {per_host} (global {global_batch_size} / {process_count} '
                      f'hosts) must be divisible by the {local_device_count} local devices.')
   return per_host
 
@@ -67,32 +71,34 @@ def make_train_iterator(
       process_index, process_count, local_device_count)
   per_host = host_batch_size(global_batch_size, process_count, local_device_count)
   if data_config.mix not in MIX_MODES:
-    raise ValueError(f'Unknown config.data.mix {data_config.mix!r}; use one of {MIX_MODES}.')
+    raise ConfigError(f'Unknown config.data.mix {data_config.mix!r}; use one of {MIX_MODES}.')
   source = sources.get_source(data_config, data_config.train_split)
-  shard = grain.MapDataset.source(source)[process_index::process_count]
-  if len(shard) < per_host:
-    raise ValueError(f'Host {process_index} holds {len(shard)} training examples, fewer than '
-                     f'its batch of {per_host}; use a smaller batch.')
-  shuffle_seed, example_seed, batch_seed = _host_seeds(seed, process_index)
+  if len(source) < global_batch_size:
+    raise ConfigError(f'the training split holds {len(source)} examples, fewer than the global batch of '
+                      f'{global_batch_size}; use a smaller batch')
+  shuffle_seed, example_seed, batch_seed = _seeds(seed)
   layers = data_config.randaugment_layers
   augment_before_mix = layers > 0 and not data_config.randaugment_after_mix
   augment_after_mix = layers > 0 and data_config.randaugment_after_mix
+  global_stream = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
   dataset = (
-      shard.shuffle(seed=shuffle_seed)
-      .repeat()
-      .random_map(_CropFlipAugment(
+      _HostSliceOfGlobalBatches(global_stream, global_batch_size=global_batch_size, per_host=per_host,
+                                process_index=process_index)
+      .map(_CropFlipAugment(
+          seed=example_seed,
           resolution=data_config.train_resolution,
           area_range=(data_config.crop_min_area, 1.0),
           flip=data_config.flip,
           randaugment_layers=layers if augment_before_mix else 0,
-          randaugment_magnitude=data_config.randaugment_magnitude), seed=example_seed)
+          randaugment_magnitude=data_config.randaugment_magnitude))
       .batch(per_host, drop_remainder=True)
-      .random_map(_MixAndAugmentBatch(
+      .map(_MixAndAugmentBatch(
+          seed=batch_seed,
           num_classes=num_classes,
           mix=data_config.mix,
           mixup_alpha=data_config.mixup_alpha,
           randaugment_layers=layers if augment_after_mix else 0,
-          randaugment_magnitude=data_config.randaugment_magnitude), seed=batch_seed)
+          randaugment_magnitude=data_config.randaugment_magnitude))
   )
   return _finish(dataset, local_device_count, {'images': 'image', 'labels': 'targets'},
                  num_workers=data_config.get('num_workers', 0) or 0)
@@ -159,9 +165,37 @@ def _host_layout(process_index, process_count, local_device_count) -> tuple[int,
   return process_index, process_count, local_device_count
 
 
-def _host_seeds(seed: int, process_index: int) -> list[int]:
-  # Hosts must not share augmentation randomness; grain wants plain non-negative ints.
-  return [int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(3)]
+def _seeds(seed: int) -> list[int]:
+  # Independent streams for order, per-example and per-batch randomness; grain wants plain non-negative ints.
+  return [int(s) for s in np.random.SeedSequence([seed]).generate_state(3)]
+
+
+class _HostSliceOfGlobalBatches(grain.MapDataset):
+  """This host's contiguous slice of every global batch of `parent` (a global, endless example stream).
+
+  Local position k is global position (k // per_host) * global_batch_size + process_index * per_host
+  + k % per_host. Random maps after this stage are seeded by the local position, which
+  `_CropFlipAugment` does not use: it draws from the global position carried in the example.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, global_batch_size: int, per_host: int, process_index: int):
+    super().__init__(parent)
+    self._global_batch_size = global_batch_size
+    self._per_host = per_host
+    self._offset = process_index * per_host
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global_batch_size * self._per_host
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, within = divmod(index, self._per_host)
+    position = step * self._global_batch_size + self._offset + within
+    return {**self._parent[position], 'position': position}
+
+  def __str__(self) -> str:
+    return f'HostSliceOfGlobalBatches(per_host={self._per_host}, offset={self._offset})'
 
 
 def _finish(dataset: grain.MapDataset, local_device_count: int, output_keys: dict[str, str], *,
@@ -196,18 +230,23 @@ def _to_device_layout(batch: dict[str, np.ndarray], *, local_device_count: int,
   return out
 
 
-class _CropFlipAugment(grain.transforms.RandomMap):
+def _rng(seed: int, position: int) -> np.random.Generator:
+  """The random stream of one global stream position: the same on any host layout."""
+  return np.random.default_rng([seed, int(position)])
+
+
+@dataclasses.dataclass
+class _CropFlipAugment(grain.transforms.Map):
   """Encoded example -> uint8 training crop (and RandAugment when it precedes mixing)."""
+  seed: int
+  resolution: int
+  area_range: tuple[float, float]
+  flip: bool
+  randaugment_layers: int
+  randaugment_magnitude: float
 
-  def __init__(self, *, resolution: int, area_range: tuple[float, float], flip: bool,
-               randaugment_layers: int, randaugment_magnitude: float):
-    self.resolution = resolution
-    self.area_range = area_range
-    self.flip = flip
-    self.randaugment_layers = randaugment_layers
-    self.randaugment_magnitude = randaugment_magnitude
-
-  def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    rng = _rng(self.seed, example['position'])
     image = ops_image.decode_random_resized_crop(
         example['image'], rng, self.resolution, area_range=self.area_range)
     if self.flip:
@@ -215,35 +254,34 @@ class _CropFlipAugment(grain.transforms.RandomMap):
     if self.randaugment_layers:
       image = randaugment.randaugment(
           image, rng, self.randaugment_layers, self.randaugment_magnitude)
-    return {'image': image, 'label': np.int32(example['label'])}
+    return {'image': image, 'label': np.int32(example['label']), 'position': np.int64(example['position'])}
 
 
-class _MixAndAugmentBatch(grain.transforms.RandomMap):
+@dataclasses.dataclass
+class _MixAndAugmentBatch(grain.transforms.Map):
   """uint8 batch with integer labels -> mixed, normalised float32 images and soft targets."""
+  seed: int
+  num_classes: int
+  mix: str
+  mixup_alpha: float
+  randaugment_layers: int
+  randaugment_magnitude: float
 
-  def __init__(self, *, num_classes: int, mix: str, mixup_alpha: float,
-               randaugment_layers: int, randaugment_magnitude: float):
-    self.num_classes = num_classes
-    self.mix = mix
-    self.mixup_alpha = mixup_alpha
-    self.randaugment_layers = randaugment_layers
-    self.randaugment_magnitude = randaugment_magnitude
-
-  def random_map(self, batch: dict[str, np.ndarray],
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    images, labels = batch['image'], batch['label']
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    images, labels, positions = batch['image'], batch['label'], batch['position']
     if np.any((labels < 0) | (labels >= self.num_classes)):
       raise ValueError(f'Labels must lie in [0, {self.num_classes}); check num_classes against '
                        'the dataset.')
     if self.mix == 'mixup_cutmix':
       images, targets = mix.mixup_cutmix(
-          images, labels, self.num_classes, rng, alpha=self.mixup_alpha)
+          images, labels, self.num_classes, _rng(self.seed, positions[0]), alpha=self.mixup_alpha)
     else:
       targets = np.eye(self.num_classes, dtype=np.float32)[labels]
     if self.randaugment_layers:
       images = np.stack([
-          randaugment.randaugment(image, rng, self.randaugment_layers, self.randaugment_magnitude)
-          for image in images])
+          randaugment.randaugment(image, _rng(self.seed, position), self.randaugment_layers,
+                                  self.randaugment_magnitude)
+          for image, position in zip(images, positions)])
     return {'image': np.asarray(ops_image.normalize(images), np.float32),
             'targets': np.asarray(targets, dtype=np.float32)}
 
