@@ -25,14 +25,21 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, 'configs', 'nfnet.py') + ':tiny'
 _GIVEN = {'config': False, 'overrides': False}
 
 
-def define_config_flag(help_text: str = 'Experiment config, as path:arg.') -> config_flags.FlagHolder:
-  """`--config path:arg`, default `configs/nfnet.py:tiny`; `--config.x=value` overrides any field."""
+def define_config_flag(help_text: str = 'Experiment config, as path:arg.') -> flags.FlagHolder:
+  """`--config path:arg`, default `configs/nfnet.py:tiny`; `--config.x=value` overrides any field.
+
+  Idempotent, so that several commands' modules can be imported into one process (as the tests do).
+  """
+  if 'config' in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS['config'])
   return config_flags.DEFINE_config_file('config', None, f'{help_text} Default: {DEFAULT_CONFIG}',
                                          lock_config=True)
 
 
 def define_distributed_flags() -> None:
   """Flags that set up a multi-process run where JAX cannot discover its peers (GPU or CPU clusters)."""
+  if 'coordinator_address' in flags.FLAGS:
+    return
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for jax.distributed.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
   flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
@@ -97,7 +104,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   @functools.wraps(main)
   def guarded(argv):
-    logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+    logging.set_verbosity(logging.ERROR)  # orbax and grain are chatty below that
     try:
       main(argv)
     except UserError as e:
@@ -105,6 +112,13 @@ def run(main: Callable[[list[str]], None]) -> None:
       sys.exit(1)
 
   app.run(guarded, flags_parser=parse_flags)
+
+
+def require_config_for_overrides() -> None:
+  """For commands whose default config is the checkpoint's own: overrides must say what they override."""
+  from nfnets.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if _GIVEN['overrides'] and not _GIVEN['config']:
+    raise ConfigError('--config.* overrides need --config (the config they override)')
 
 
 def config_for_checkpoint(flag_config: ml_collections.ConfigDict, loaded) -> ml_collections.ConfigDict:
@@ -117,9 +131,8 @@ def config_for_checkpoint(flag_config: ml_collections.ConfigDict, loaded) -> ml_
   import configs  # pylint: disable=g-import-not-at-top
   from nfnets import models  # pylint: disable=g-import-not-at-top
   from nfnets.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  require_config_for_overrides()
   if not config_given():
-    if _GIVEN['overrides']:
-      raise ConfigError('--config.* overrides need --config (the config they override)')
     if loaded.config is not None:
       return ml_collections.ConfigDict(loaded.config)
     return configs.for_model(loaded.model_config)

@@ -29,6 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   common.initialize_distributed(_CONFIG.value)
+  common.require_config_for_overrides()
   loaded = checkpoint.read(_CHECKPOINT.value)
   config = common.config_for_checkpoint(_CONFIG.value, loaded)
   results = evaluate.evaluate_weights(config, loaded.model_config, loaded.weight_sets)

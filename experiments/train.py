@@ -19,6 +19,9 @@ from nfnets import trainer
 _CONFIG = common.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and logs, local or gs://; an existing run there is '
                                'resumed. Default: runs/<config arg>-<time> under the current directory.')
+_STOP_AFTER_STEP = flags.DEFINE_integer('stop_after_step', None, 'Checkpoint and exit at this step, as on '
+                                        'preemption; rerun the same command to continue (e.g. to split a run into '
+                                        'scheduler-sized chunks).')
 common.define_distributed_flags()
 
 
@@ -28,7 +31,7 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or epath.Path('runs') / f'{common.config_name()}-{time.strftime("%Y%m%d-%H%M%S")}'
   common.initialize_distributed(config)
-  trainer.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir, stop_after_step=_STOP_AFTER_STEP.value)
 
 
 if __name__ == '__main__':

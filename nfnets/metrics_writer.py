@@ -1,8 +1,8 @@
 """Where a run's numbers go: JSON lines and TensorBoard event files in the workdir, from the primary host.
 
 The workdir may be remote (`gs://...`): files go through `etils.epath`. Object stores cannot append, so
-`metrics.jsonl` is rewritten whole (atomically, see `files.write_atomic`) on every write; it stays small (one
-line per logged step). TensorBoard's event files are streamed through epath too.
+`metrics.jsonl` is rewritten whole (atomically, see `files.write_atomic`) on every write, and so is a remote
+TensorBoard event file on every flush; both stay small (one line or record per logged scalar).
 """
 import json
 from typing import Any, Mapping
@@ -15,11 +15,28 @@ from tensorboardX import record_writer
 from nfnets import files
 
 
-class _EpathRecordWriterFactory:
-  """Lets tensorboardX write event files to any filesystem epath knows (gs://, s3://, ...)."""
+class _EpathRecordWriter:
+  """An event file on a filesystem that cannot append: kept in memory, the whole object rewritten on flush."""
 
-  def open(self, path: str):
-    return epath.Path(path).open('wb')
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._buffer += data
+
+  def flush(self) -> None:
+    self._path.write_bytes(bytes(self._buffer))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathRecordWriterFactory:
+  """Lets tensorboardX write event files to the remote filesystems epath knows (gs://, s3://)."""
+
+  def open(self, path: str) -> _EpathRecordWriter:
+    return _EpathRecordWriter(path)
 
   def directory_check(self, path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)

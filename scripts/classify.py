@@ -55,6 +55,7 @@ def classify(image_paths: list[str], loaded: checkpoint.Checkpoint, config: ml_c
 def main(argv):
   if len(argv) < 2:
     raise UserError('name at least one image file')
+  common.require_config_for_overrides()
   loaded = checkpoint.read(_CHECKPOINT.value)
   config = common.config_for_checkpoint(_CONFIG.value, loaded)
   for result in classify(argv[1:], loaded, config, _TOP.value):

@@ -11,6 +11,7 @@ import pytest
 
 from nfnets import checkpoint
 from nfnets import errors
+from nfnets import evaluate
 from nfnets import trainer
 from nfnets.data import pipeline
 from tests import tiny_setup
@@ -67,13 +68,17 @@ def test_resumed_run_ends_with_bitwise_identical_weights(uninterrupted, tmp_path
 def test_evaluating_the_checkpoint_reproduces_the_final_eval(uninterrupted):
   workdir, results = uninterrupted
   assert evaluate.evaluate_checkpoint(tiny_config(), workdir) == results
-  command = subprocess.run(
-      [sys.executable, '-m', 'experiments.eval', '--checkpoint', workdir,
-       f'--config.train.eval_batch_size={tiny_setup.EVAL_BATCH_SIZE}'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  # Without --config the checkpoint's own run config (its eval batch size included) is used.
+  command = subprocess.run([sys.executable, '-m', 'experiments.eval', '--checkpoint', workdir],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert command.returncode == 0, command.stderr
   printed = json.loads(command.stdout.strip().splitlines()[-1])
   assert {k: printed[k] for k in results} == results
+  refused = subprocess.run([sys.executable, '-m', 'experiments.eval', '--checkpoint', workdir,
+                            '--config.train.eval_batch_size=32'],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 1 and refused.stderr.strip() == (
+      'error: --config.* overrides need --config (the config they override)')
 
 
 class _Intercepted:
