@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import uuid
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -89,30 +90,42 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 
 def is_prepared(data_dir: str) -> bool:
-  """Whether a complete copy of the dataset is published under `data_dir`."""
-  return os.path.isfile(os.path.join(data_dir, DATASET_NAME, VERSION, 'dataset_info.json'))
+  """Whether a complete copy of the dataset is published under `data_dir` (local or e.g. gs://)."""
+  return (epath.Path(data_dir) / DATASET_NAME / VERSION / 'dataset_info.json').exists()
 
 
 def prepare(data_dir: str | None = None) -> str:
   """Builds the dataset under `data_dir` unless it is already there; returns the data dir.
 
   Safe to call from several processes at once: each builds privately and the first to finish
-  publishes its copy; the others discard theirs.
+  publishes its copy; the others discard theirs. A remote `data_dir` gets a copy of a local build, its
+  dataset_info.json (what `is_prepared` looks for) last.
   """
-  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  data_dir = str(data_dir or default_data_dir())
+  remote = '://' in data_dir
+  if not remote:
+    data_dir = os.path.expanduser(data_dir)
   if is_prepared(data_dir):
     return data_dir
-  os.makedirs(os.path.join(data_dir, DATASET_NAME), exist_ok=True)
+  target = epath.Path(data_dir) / DATASET_NAME / VERSION
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Locally, build next to the target so that publishing is one atomic rename.
   scratch = tempfile.mkdtemp(prefix=f'.{DATASET_NAME}-building-{uuid.uuid4().hex[:8]}-',
-                             dir=data_dir)
+                             dir=None if remote else data_dir)
   try:
     builder = SklearnDigits(data_dir=scratch)
     builder.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    built = os.path.join(scratch, DATASET_NAME, VERSION)
+    built = epath.Path(scratch) / DATASET_NAME / VERSION
+    if remote:
+      files = sorted(built.iterdir(), key=lambda f: f.name == 'dataset_info.json')
+      target.mkdir(parents=True, exist_ok=True)
+      for file in files:
+        file.copy(target / file.name, overwrite=True)
+      return data_dir
     try:
-      os.rename(built, os.path.join(data_dir, DATASET_NAME, VERSION))
+      os.rename(built, target)
     except OSError:
       # Another process published first; its copy is identical, so ours is redundant.
       if not is_prepared(data_dir):

@@ -1,0 +1,54 @@
+"""create_train_state: fresh, resumed, or initialised from a checkpoint with a new classifier (fine-tuning)."""
+import jax
+import numpy as np
+import pytest
+
+from nfnets import checkpoint
+from nfnets import train_state
+from nfnets import trainer
+from nfnets.errors import CheckpointError
+from tests import tiny_setup
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('source')
+  trainer.train_and_evaluate(tiny_setup.tiny_config(), workdir, stop_after_step=10)
+  return workdir
+
+
+def _setup(config):
+  return trainer.setup_training(config, tiny_setup.DIGITS_TRAIN_EXAMPLES)
+
+
+def test_init_from_a_checkpoint_takes_its_ema_weights_and_replaces_a_mismatched_classifier(trained):
+  source = checkpoint.read(trained)
+  ema_params, _ = source.weight_sets['ema_']
+  config = tiny_setup.tiny_config()
+  config.model.num_classes = 7
+  config.init_from = str(trained)
+  state, origin = train_state.create_train_state(_setup(config), config)
+  assert 'initialised from' in origin and 'NFNet/~/linear/w' in origin and 'NFNet/~/linear/b' in origin
+  assert int(state.step) == 0
+  fresh = train_state.fresh_train_state(_setup(config).forward, _setup(config).optimizer, config.seed, 32)
+  for module, leaves in state.params.items():
+    for name, value in leaves.items():
+      expected = fresh.params[module][name] if module == 'NFNet/~/linear' else ema_params[module][name]
+      np.testing.assert_array_equal(value, expected)
+  # Same class count: every weight, the classifier included, comes from the checkpoint.
+  config.model.num_classes = 10
+  state, origin = train_state.create_train_state(_setup(config), config)
+  assert 'new classifier' not in origin
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ema_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_init_from_refuses_another_architecture(trained):
+  config = tiny_setup.tiny_config()
+  config.model.widths = (32, 64, 96, 160)
+  config.init_from = str(trained)
+  with pytest.raises(CheckpointError, match=r'checkpoints/10: NFNet/~/.* has shape .* the model needs'):
+    train_state.create_train_state(_setup(config), config)
+  config.init_from = str(trained / 'nowhere')
+  with pytest.raises(CheckpointError, match='no checkpoint at .*nowhere'):
+    train_state.create_train_state(_setup(config), config)
