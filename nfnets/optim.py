@@ -23,7 +23,7 @@ SAM perturbs params by sam_rho * grads / ||grads|| (global norm), calls grad_fn 
 gradients through the chain above with the unperturbed params. Use `needs_grad_fn(config)` to decide whether
 to build and pass `grad_fn`; without SAM, `update` takes the usual (grads, state, params).
 """
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +81,19 @@ def learning_rate_schedule(optimizer_config: ml_collections.ConfigDict, *, batch
   return optax.join_schedules([warmup, after_warmup], boundaries=[warmup_steps])
 
 
-def clipping_transform(optimizer_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The first link of the chain, per `clip_mode`."""
+def clipping_transform(optimizer_config: ml_collections.ConfigDict,
+                       classifier_module: Optional[str] = None) -> optax.GradientTransformation:
+  """The first link of the chain, per `clip_mode`.
+
+  AGC leaves the final classifier's weight unclipped: the module the model registry names, or by default the
+  top-level 'linear' (see `agc.is_final_classifier_weight`).
+  """
   mode = optimizer_config.clip_mode
   if mode == 'agc':
-    return agc.adaptive_grad_clip(optimizer_config.clipping, eps=optimizer_config.agc_eps)
+    exclude = agc.is_final_classifier_weight
+    if classifier_module is not None:
+      exclude = lambda path: path == (classifier_module, 'w')
+    return agc.adaptive_grad_clip(optimizer_config.clipping, eps=optimizer_config.agc_eps, exclude=exclude)
   if mode == 'global_norm':
     if not optimizer_config.clipping > 0:
       raise ConfigError(f'global-norm clipping threshold must be > 0, got {optimizer_config.clipping}')
@@ -107,7 +115,7 @@ def _normalize_globally() -> optax.GradientTransformation:
 
 
 def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: int, examples_per_epoch: int,
-                    total_steps: int) -> optax.GradientTransformationExtraArgs:
+                    total_steps: int, classifier_module: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """The paper's chain (see the module docstring), every number from `optimizer_config` (config.optimizer).
 
   Args:
@@ -116,6 +124,7 @@ def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: 
     batch_size: global batch size (all devices, all hosts), for the learning-rate scaling.
     examples_per_epoch: the training split's size, for the warmup length.
     total_steps: optimizer steps in the whole run; the cosine reaches 0 there.
+    classifier_module: the model's final classifier (from the model registry), whose weight AGC leaves alone.
 
   Returns:
     The optimizer. With sam_rho > 0 its update needs `grad_fn=` (see `needs_grad_fn`).
@@ -128,7 +137,7 @@ def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: 
     raise ConfigError(f'sam_rho must be >= 0 (0 turns SAM off), got {optimizer_config.sam_rho}')
   schedule = learning_rate_schedule(optimizer_config, batch_size=batch_size,
                                     examples_per_epoch=examples_per_epoch, total_steps=total_steps)
-  clip = clipping_transform(optimizer_config)
+  clip = clipping_transform(optimizer_config, classifier_module)
   if optimizer_config.name == 'sgd':
     momentum = optimizer_config.momentum or None
     chain = optax.chain(

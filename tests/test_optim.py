@@ -269,3 +269,15 @@ def test_ema_decay_schedule_and_update():
   updated = jax.jit(optim.update_ema, static_argnums=3)(ema, params, jnp.int32(10), 0.99999)
   assert updated['m']['w'].dtype == jnp.float32
   np.testing.assert_allclose(updated['m']['w'], 0.55 * 1.0 + 0.45 * 3.0, rtol=1e-6)
+
+
+def test_agc_leaves_the_registry_classifier_unclipped():
+  config = optimizer_config(clip_mode='agc', clipping=0.01)
+  params = {'Net/~/head': {'w': np.ones((4, 3), np.float32), 'b': np.ones((3,), np.float32)},
+            'Net/~/linear': {'w': np.ones((4, 3), np.float32)}}
+  grads = jax.tree.map(lambda p: 100.0 * p, params)
+  clip = optim.clipping_transform(config, classifier_module='Net/~/head')
+  updates, _ = clip.update(grads, clip.init(params), params)
+  np.testing.assert_array_equal(updates['Net/~/head']['w'], grads['Net/~/head']['w'])  # the classifier weight
+  assert np.all(np.abs(updates['Net/~/head']['b']) < np.abs(grads['Net/~/head']['b']))  # its bias is clipped
+  assert np.all(np.abs(updates['Net/~/linear']['w']) < 100.0)  # not the classifier here: clipped
