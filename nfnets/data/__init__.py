@@ -1,0 +1,2 @@
+"""Input data: sources, the reference's image transforms, and the grain pipelines."""
+from nfnets.data.ops_image import eval_image
