@@ -6,8 +6,8 @@ reproduce the reference's TensorFlow pipeline bit for bit:
 - JPEGs are decoded by libjpeg-turbo (through simplejpeg) with the fast integer IDCT (IFAST) and fancy
   chroma upsampling, what `tf.io.decode_jpeg` and `tf.image.decode_and_crop_jpeg` do by default.
   Pillow's decoder uses the accurate IDCT (ISLOW) and differs by about 1 grey level on average. Other
-  formats (the PNGs of the digits and synthetic datasets) and JPEGs libjpeg-turbo cannot turn into RGB
-  (CMYK) are decoded by Pillow.
+  formats (the PNGs of the digits and synthetic datasets) and JPEGs that libjpeg-turbo reports as
+  damaged are decoded by Pillow.
 - Resizes are TF's bicubic without antialiasing (`nfnets.data.bicubic`), in float32, unclipped.
 
 Training crops follow the reference: a box from TensorFlow's `sample_distorted_bounding_box` rule
@@ -56,7 +56,7 @@ def _decode(image_bytes: bytes, mode: str) -> np.ndarray:
     try:
       return simplejpeg.decode_jpeg(data, colorspace=mode, fastdct=True, fastupsample=False)
     except ValueError:
-      pass  # CMYK, or damaged data: let Pillow convert it or report it.
+      pass  # Damaged data (even recoverable damage): Pillow decodes it or reports it below.
   try:
     image = Image.open(io.BytesIO(data))
     return np.asarray(image if image.mode == mode else image.convert(mode))
