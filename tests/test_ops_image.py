@@ -32,9 +32,8 @@ def test_decoders_return_rgb_uint8_for_every_mode(china, mode, fmt):
   data = _encode(Image.fromarray(china).convert(mode), fmt)
   decoded = ops_image.decode_image(data)
   assert decoded.shape == china.shape and decoded.dtype == np.uint8
-  for rgbx, channels in [(False, 3), (True, 4)]:
-    crop = ops_image.decode_random_resized_crop(data, np.random.default_rng(0), 64, rgbx=rgbx)
-    assert crop.shape == (64, 64, channels) and crop.dtype == np.float32
+  crop = ops_image.decode_random_resized_crop(data, np.random.default_rng(0), 64)
+  assert crop.shape == (64, 64, 3) and crop.dtype == np.float32
   assert ops_image.eval_image(data, 48).shape == (48, 48, 3)
 
 

@@ -48,7 +48,7 @@ def test_example_is_two_full_resolution_crops_mixed_as_floats_then_truncated(exa
 def test_randaugment_receives_the_clipped_truncated_uint8_mix(examples, monkeypatch):
   # Values a rounding or unclipped conversion would change: the reference clips, then truncates.
   mixed = np.array([-7.5, 0.4, 10.999, 127.5, 254.99, 300.0], np.float32)
-  mixed = np.tile(mixed.repeat(4).reshape(6, 1, 4), (1, 6, 1))  # [6, 6, RGBX]
+  mixed = np.tile(mixed.repeat(3).reshape(6, 1, 3), (1, 6, 1))  # [6, 6, 3]
   monkeypatch.setattr(train_transform.mix, 'mix_pair',
                       lambda images, targets, *args: (mixed, targets[0]))
   seen = []

@@ -15,8 +15,7 @@ Training crops follow the reference: a box from TensorFlow's `sample_distorted_b
 resolution, mirrored with probability 1/2, resized to the training resolution. Evaluation
 (`eval_image`) resizes the whole image to (res + margin)^2, takes the centre crop and normalises.
 
-Images are uint8 HWC RGB unless a docstring says otherwise. Where speed matters, pixels can travel as
-RGBX (a 4th channel of 255 to be ignored): the resize's transposes then move native 16-byte elements.
+Images are uint8 HWC RGB unless a docstring says otherwise.
 """
 import functools
 import io
@@ -47,30 +46,25 @@ Box = Tuple[int, int, int, int]
 _JPEG_MAGIC = b'\xff\xd8'
 
 
-def _decode(image_bytes: bytes, mode: str) -> np.ndarray:
-  """Decodes to uint8 [H, W, len(mode)] in Pillow `mode` 'RGB' or 'RGBX' (X = 255)."""
-  if not isinstance(image_bytes, (bytes, bytearray, memoryview, np.bytes_)):
-    raise TypeError(f'Expected encoded image bytes, got {type(image_bytes).__name__}.')
-  data = bytes(image_bytes)
-  if data.startswith(_JPEG_MAGIC):
-    try:
-      return simplejpeg.decode_jpeg(data, colorspace=mode, fastdct=True, fastupsample=False)
-    except ValueError:
-      pass  # Damaged data (even recoverable damage): Pillow decodes it or reports it below.
-  try:
-    image = Image.open(io.BytesIO(data))
-    return np.asarray(image if image.mode == mode else image.convert(mode))
-  except Exception as e:  # Pillow raises several types for undecodable data.
-    raise ValueError(f'Cannot decode image ({len(data)} bytes): {e}; '
-                     'pass JPEG/PNG/other Pillow-readable bytes.') from e
-
-
 def decode_image(image_bytes: bytes) -> np.ndarray:
   """Decodes JPEG/PNG/... bytes into a uint8 [H, W, 3] RGB array, JPEGs exactly as TensorFlow does.
 
   Grayscale, CMYK, palette and RGBA images are converted to RGB.
   """
-  return _decode(image_bytes, 'RGB')
+  if not isinstance(image_bytes, (bytes, bytearray, memoryview, np.bytes_)):
+    raise TypeError(f'Expected encoded image bytes, got {type(image_bytes).__name__}.')
+  data = bytes(image_bytes)
+  if data.startswith(_JPEG_MAGIC):
+    try:
+      return simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=True, fastupsample=False)
+    except ValueError:
+      pass  # Damaged data (even recoverable damage): Pillow decodes it or reports it below.
+  try:
+    image = Image.open(io.BytesIO(data))
+    return np.asarray(image if image.mode == 'RGB' else image.convert('RGB'))
+  except Exception as e:  # Pillow raises several types for undecodable data.
+    raise ValueError(f'Cannot decode image ({len(data)} bytes): {e}; '
+                     'pass JPEG/PNG/other Pillow-readable bytes.') from e
 
 
 def sample_distorted_box(height: int, width: int, rng: np.random.Generator,
@@ -158,18 +152,16 @@ def crop_and_resize(image: np.ndarray, box: Box, size: int, mirror: bool = False
 def decode_random_resized_crop(image_bytes: bytes, rng: np.random.Generator, size: int, *,
                                area_range: Tuple[float, float] = (0.08, 1.0),
                                aspect_range: Tuple[float, float] = (3 / 4, 4 / 3),
-                               attempts: int = 10, random_flip: bool = False,
-                               rgbx: bool = False) -> np.ndarray:
-  """The reference's training crop: float32 [size, size, 3] (4 with `rgbx`), unclipped.
+                               attempts: int = 10, random_flip: bool = False) -> np.ndarray:
+  """The reference's training crop: float32 [size, size, 3], unclipped.
 
   The image is decoded at full resolution (as TF's decode_and_crop_jpeg does for the window), the box
   follows `random_resized_crop_box`, then with `random_flip` the crop is mirrored with probability
-  1/2, and it is resized with TF's bicubic. `rgbx` returns a 4th channel (255, to be ignored) that
-  makes later whole-pixel copies cheaper.
+  1/2, and it is resized with TF's bicubic.
   """
   if size <= 0:
     raise ValueError(f'Crop size must be positive, got {size}.')
-  image = _decode(image_bytes, 'RGBX' if rgbx else 'RGB')
+  image = decode_image(image_bytes)
   box = random_resized_crop_box(image.shape[0], image.shape[1], rng, size, area_range,
                                 aspect_range, attempts)
   mirror = bool(random_flip and rng.random() < 0.5)
@@ -184,12 +176,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def eval_resize_and_crop(image: np.ndarray, resolution: int, margin: int = 32) -> np.ndarray:
   """Eval transform: resize the whole image (aspect not kept) to (res + margin)^2, centre crop res.
 
-  Returns float32 [resolution, resolution, C], not clipped (bicubic overshoots are kept, as in the
+  Returns float32 [resolution, resolution, 3], not clipped (bicubic overshoots are kept, as in the
   reference). The crop offset is (margin + 1) // 2 on both axes; only the kept pixels are computed.
   """
   if resolution <= 0 or margin < 0:
     raise ValueError(f'Need resolution > 0 and margin >= 0, got {resolution} and {margin}.')
-  if image.ndim != 3 or image.shape[-1] not in (3, 4):
+  if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'Expected an HWC RGB image, got shape {image.shape}.')
   full = resolution + margin
   offset = (full - resolution + 1) // 2
@@ -204,8 +196,7 @@ def eval_image(image_bytes: bytes, resolution: int, margin: int = 32) -> np.ndar
   offset (margin + 1) // 2 -> (x - mean) / std. Every evaluation path (the eval pipeline,
   scripts/classify.py) goes through this function.
   """
-  resized = eval_resize_and_crop(_decode(image_bytes, 'RGBX'), resolution, margin)
-  return normalize(resized[..., :3])
+  return normalize(eval_resize_and_crop(decode_image(image_bytes), resolution, margin))
 
 
 @functools.lru_cache(maxsize=16)

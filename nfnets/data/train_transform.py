@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from nfnets.data import mix
 from nfnets.data import ops_image
@@ -27,15 +26,6 @@ from nfnets.data import randaugment
 from nfnets.errors import ConfigError
 
 MIX_MODES = ('mixup_cutmix', 'none')
-
-
-def _rgb_uint8(image: np.ndarray) -> np.ndarray:
-  """float32 RGBX [H, W, 4] -> clipped, truncated uint8 RGB [H, W, 3]."""
-  pixels = ops_image.to_uint8(image)
-  height, width = pixels.shape[:2]
-  # Pillow drops the 4th byte of each pixel several times faster than a numpy strided copy.
-  return np.asarray(Image.frombuffer('RGBX', (width, height), pixels, 'raw', 'RGBX', 0, 1)
-                    .convert('RGB'))
 
 
 class TrainTransform:
@@ -98,22 +88,18 @@ class TrainTransform:
                        f'got {len(examples)}.')
     labels = np.array([int(example['label']) for example in examples])
     targets = mix.one_hot(labels, self.num_classes)
-    # RGBX: the resize moves 16-byte pixels (see ops_image); the 4th channel is dropped below.
     crops = [ops_image.decode_random_resized_crop(
         example['image'], rng, self.resolution, area_range=self.area_range,
-        random_flip=self.flip, rgbx=True) for example in examples]
+        random_flip=self.flip) for example in examples]
     augment_first = not self.randaugment_after_mix
     if augment_first:
-      crops = [self._randaugment(_rgb_uint8(crop), rng) for crop in crops]
+      crops = [self._randaugment(ops_image.to_uint8(crop), rng) for crop in crops]
     if self.mix_mode == 'mixup_cutmix':
       use_cutmix = mix.uses_cutmix(position, self.per_device)
       image, target = mix.mix_pair(crops, targets, use_cutmix, rng, self.mixup_alpha)
     else:
       image, target = crops[0], targets[0]
-    if image.shape[-1] == 4:
-      image = _rgb_uint8(image)
-    else:
-      image = ops_image.to_uint8(image)
+    image = ops_image.to_uint8(image)
     if not augment_first:
       image = self._randaugment(image, rng)
     return {'image': image, 'targets': target}
