@@ -1,20 +1,19 @@
 """TensorFlow 2's `tf.image.resize(..., method='bicubic')` (no antialiasing), bit for bit, in numpy.
 
-The reference resizes every training crop and evaluation image with TF's ResizeBicubic kernel (half-pixel
-centres, Keys' cubic with a = -0.5). Its arithmetic is reproduced exactly, not approximated:
+The reference resized every training crop and evaluation image with TF's ResizeBicubic kernel
+(half-pixel centres, Keys' cubic with a = -0.5). Its arithmetic is reproduced, not approximated:
 
-- each output pixel reads 4 input pixels along an axis, whatever the scale (no antialiasing: shrinking
-  does not widen the kernel);
-- the weights are not evaluated at the exact sample position but looked up in a 1025-entry table of the
-  cubic at 1/1024-pixel steps (the position's fraction is rounded half-to-even to a table slot);
+- each output pixel reads 4 input pixels along an axis, whatever the scale (no antialiasing:
+  shrinking does not widen the kernel);
+- the weights are not the cubic at the exact sample position but entries of a 1025-entry table of
+  it at 1/1024-pixel steps (the position's fraction is rounded half-to-even to a slot);
 - taps that fall outside the image get weight 0 and the rest are renormalised;
 - rows are combined first, then columns, each as w0 x0 + w1 x1 + w2 x2 + w3 x3 in float32.
 
-Each axis is a cached sparse matrix (4 weights per output row, in TF's tap order), so a resize is two
-sparse products (scipy's CSR kernel accumulates a row's terms in stored order, TF's order) with a
+Each axis is a cached sparse matrix (4 weights per output row, in TF's tap order), so a resize is
+two sparse products (scipy's CSR kernel adds a row's terms in stored order, TF's order) with a
 transpose between them. On the fixtures in tests/fixtures (TensorFlow 2.21) the outputs equal TF's
-exactly; evaluating the exact cubic instead (as jax.image.resize does) is off by up to ~0.2 grey
-levels because of the table.
+exactly; the exact cubic (what jax.image.resize evaluates) is off by up to ~0.2 grey levels.
 """
 import functools
 from typing import Optional
@@ -27,7 +26,7 @@ _KEYS_A = -0.5
 
 
 def _coefficient_table() -> tuple[np.ndarray, np.ndarray]:
-  """TF's table: the cubic at x and at x + 1 for x = i / 1024, computed in double, stored in float32."""
+  """TF's table: the cubic at x and x + 1 for x = i / 1024, computed in double, kept in float32."""
   x = (np.arange(_TABLE_SIZE + 1) / _TABLE_SIZE).astype(np.float32)
   near_x = x.astype(np.float64)
   near = ((_KEYS_A + 2) * near_x - (_KEYS_A + 3)) * near_x * near_x + 1

@@ -85,5 +85,5 @@ def mix_pair(images: Sequence[np.ndarray], targets: Sequence[np.ndarray], use_cu
     ratio = float(np.float32(rng.beta(alpha, alpha)))
     mixed = mixup(image_a, image_b, ratio)
   ratio = np.float32(ratio)
-  target = ratio * np.asarray(targets[0], np.float32) + (1 - ratio) * np.asarray(targets[1], np.float32)
-  return mixed, target.astype(np.float32)
+  first, second = (np.asarray(t, np.float32) for t in targets)
+  return mixed, (ratio * first + (1 - ratio) * second).astype(np.float32)

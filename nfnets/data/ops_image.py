@@ -1,7 +1,7 @@
 """Host-side image transforms: decode, random-resized crop, eval resize, normalise.
 
-Everything here is numpy (plus a JPEG decoder) and runs inside the input workers. Decoding and resizing
-reproduce the reference's TensorFlow pipeline bit for bit:
+Everything here is numpy (plus a JPEG decoder) and runs inside the input workers. Decoding and
+resizing reproduce TensorFlow's, as the reference ran them, bit for bit:
 
 - JPEGs are decoded by libjpeg-turbo (through simplejpeg) with the fast integer IDCT (IFAST) and fancy
   chroma upsampling, what `tf.io.decode_jpeg` and `tf.image.decode_and_crop_jpeg` do by default.
@@ -12,7 +12,9 @@ reproduce the reference's TensorFlow pipeline bit for bit:
 
 Training crops follow the reference: a box from TensorFlow's `sample_distorted_bounding_box` rule
 (whole image as the only box, then the centre-crop fallback), cut from the image decoded at full
-resolution, mirrored with probability 1/2, resized to the training resolution. Evaluation
+resolution, mirrored with probability 1/2, resized to the training resolution. (The reference decoded
+only the window, `decode_and_crop_jpeg`, whose chroma upsampling treats the window's edges as the
+image's: its first and last pixel columns can differ from a cut-out of the full decode.) Evaluation
 (`eval_image`) resizes the whole image to (res + margin)^2, takes the centre crop and normalises.
 
 Images are uint8 HWC RGB unless a docstring says otherwise.
@@ -155,9 +157,8 @@ def decode_random_resized_crop(image_bytes: bytes, rng: np.random.Generator, siz
                                attempts: int = 10, random_flip: bool = False) -> np.ndarray:
   """The reference's training crop: float32 [size, size, 3], unclipped.
 
-  The image is decoded at full resolution (as TF's decode_and_crop_jpeg does for the window), the box
-  follows `random_resized_crop_box`, then with `random_flip` the crop is mirrored with probability
-  1/2, and it is resized with TF's bicubic.
+  The image is decoded at full resolution, the box follows `random_resized_crop_box`, then with
+  `random_flip` the crop is mirrored with probability 1/2, and it is resized with TF's bicubic.
   """
   if size <= 0:
     raise ValueError(f'Crop size must be positive, got {size}.')
@@ -169,7 +170,7 @@ def decode_random_resized_crop(image_bytes: bytes, rng: np.random.Generator, siz
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Clips float pixels to [0, 255] and truncates them to uint8, as the reference does before RandAugment."""
+  """Clips float pixels to [0, 255] and truncates to uint8, as the reference did before RandAugment."""
   return np.clip(images, 0, 255).astype(np.uint8)
 
 

@@ -12,8 +12,9 @@ Per example, in the input workers (numpy and Pillow):
    before step 2 instead, as the reference's `augment_before_mix` did).
 
 The example leaves as uint8 HWC with a float32 target; normalisation happens on the device
-(`nfnets.train_step`). Without RandAugment the reference kept unclipped floats; here the image is
-still clipped and truncated, so that every training batch travels as uint8.
+(`nfnets.train_step`). When RandAugment does not follow the mixing (off, or before it) the reference
+kept the mixed image as unclipped floats; here it is still clipped and truncated, so that every
+training batch travels as uint8.
 """
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ MIX_MODES = ('mixup_cutmix', 'none')
 
 
 class TrainTransform:
-  """Encoded examples of one training example -> {'image': uint8 [R, R, 3], 'targets': float32 [K]}."""
+  """Source examples -> one training example {'image': uint8 [R, R, 3], 'targets': float32 [K]}."""
 
   def __init__(self, *, resolution: int, num_classes: int, per_device: int,
                area_range: tuple[float, float] = (0.08, 1.0), flip: bool = True,
@@ -81,8 +82,13 @@ class TrainTransform:
 
   def __call__(self, examples: Sequence[dict[str, Any]], position: int,
                rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """`examples`: `crops_per_example` dicts {'image': bytes, 'label': int}; `position`: the
-    example's index in its device's batch (decides MixUp or CutMix)."""
+    """Makes the training example at `position` of its device's batch from `examples`.
+
+    Args:
+      examples: `crops_per_example` source examples {'image': encoded bytes, 'label': int}.
+      position: the example's index in its device's batch (decides MixUp or CutMix).
+      rng: the example's own generator (crop boxes, flips, mixing, RandAugment).
+    """
     if len(examples) != self.crops_per_example:
       raise ValueError(f'Expected {self.crops_per_example} source examples per training example, '
                        f'got {len(examples)}.')
