@@ -163,11 +163,12 @@ def test_hosts_see_disjoint_slices_covering_the_split_each_epoch(coded_source):
   assert sorted(seen[0] + seen[1]) == list(range(len(coded_source)))
 
 
-@pytest.mark.parametrize('augment', [_IDENTITY_AUGMENT, {}])
+@pytest.mark.parametrize('augment', [_IDENTITY_AUGMENT, {'mix': 'none'}, {}])
 def test_the_global_batch_does_not_depend_on_the_number_of_hosts(augment):
-  # Each host decodes its slice of the same global batch, with every per-example random choice keyed by
-  # the example's global position: 2 hosts x 1 device see exactly what 1 host x 2 devices sees.
-  config = _data_config(**{**augment, 'mix': 'none'})
+  # Each host decodes its slice of the same global batch, with every random choice (mixing included)
+  # keyed by the training example's global position: 2 hosts x 1 device see exactly what 1 host x 2
+  # devices sees (the same per-device batch of 6).
+  config = _data_config(**augment)
   one_host = _take(_train(config, global_batch_size=12, process_index=0, process_count=1, local_device_count=2), 3)
   hosts = [_take(_train(config, global_batch_size=12, process_index=h, process_count=2, local_device_count=1), 3)
            for h in (0, 1)]
