@@ -6,8 +6,8 @@
 Images get the evaluation preprocessing of the config (`nfnets.data.eval_image`: the reference's TensorFlow
 JPEG decode and bicubic resize to (resolution + margin)^2, centre crop, normalisation), in float32. Without
 --config a project checkpoint uses its run's own config and a reference checkpoint its variant's recipe (test
-resolution); a --config that contradicts the checkpoint is refused. Prints one JSON line per image with the top classes (indices in the
-dataset's label order; for ImageNet, TFDS imagenet2012's) and their probabilities.
+resolution); a --config that contradicts the checkpoint is refused. Prints one JSON line per image with the
+top classes (indices in the dataset's label order; for ImageNet, TFDS imagenet2012's) and their probabilities.
 """
 import json
 
