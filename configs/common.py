@@ -42,6 +42,7 @@ def data_config() -> ml_collections.ConfigDict:
       randaugment_layers=4,
       randaugment_magnitude=5.0,
       randaugment_after_mix=True,
+      randaugment_semantics='reference',  # 'reference' (the paper's TF ops) | 'corrected'
       mix='mixup_cutmix',         # 'mixup_cutmix' | 'none'
       mixup_alpha=0.2,
       num_workers=8,              # grain decoding processes per host; 0 decodes in the main process

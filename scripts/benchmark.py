@@ -2,12 +2,15 @@
 
   python -m scripts.benchmark input --config configs/nfnet.py:F0 [--num_images 256] [--seconds 10]
 
-`input` times the full training transform (decode, random-resized crop, flip, bicubic resize, MixUp/
-CutMix, RandAugment, normalise) of `nfnets.data` on a few hundred ImageNet-like JPEGs, next to a
-straightforward Pillow version of the same transform written the way timm does it (full decode, crop
-then resize, RandAugment on PIL images with bilinear geometric ops, mixing in float64 numpy). Both run
-in this process pinned to one core, alternating in rounds so that load drift hits both; the project's
-transform is then run once more with one pinned process per available core for the total rate.
+`input` times the full training transform of `nfnets.data` (the reference's: per example two crops
+decoded at full resolution, random-resized crop, flip, TF bicubic resize to float32, MixUp/CutMix of
+the pair, clip to uint8, RandAugment; the uint8 result is what the pipeline hands to the device) on a
+few hundred ImageNet-like JPEGs, next to a straightforward Pillow version of the same transform
+written the way timm does it (Pillow decode, crop then Pillow resize, mixing in float64 numpy,
+RandAugment on PIL images with bilinear geometric ops). Both consume the same two JPEGs per example
+and produce uint8 images and mixed targets. Both run in this process pinned to one core, alternating
+in rounds so that load drift hits both; the project's transform is then run once more with one
+pinned process per available core for the total rate. Rates count training examples.
 
 The JPEGs are made from the two photos shipped with scikit-learn (china.jpg, flower.jpg, 427x640): a
 random crop (aspect 0.6-1.7, 35-100 % of the area) resized to a long side of 300-500 px (80 %) or
@@ -29,11 +32,10 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from nfnets.data import mix
-from nfnets.data import ops_image
-from nfnets.data import randaugment
+from nfnets.data import train_transform
 
 DEFAULT_INPUT_SETTINGS = dict(train_resolution=192, randaugment_layers=4, randaugment_magnitude=5.0,
-                              mix='mixup_cutmix', mixup_alpha=0.2)
+                              mix='mixup_cutmix', mixup_alpha=0.2, randaugment_semantics='reference')
 NUM_CLASSES = 1000
 
 
@@ -88,20 +90,30 @@ def make_jpegs(num_images: int, directory: str, seed: int = 0) -> List[bytes]:
   return encoded
 
 
+def crops_per_example(settings: Dict[str, Any]) -> int:
+  """JPEGs one training example is made from: two with MixUp/CutMix, else one."""
+  return 2 if settings['mix'] == 'mixup_cutmix' else 1
+
+
+def _train_transform(settings: Dict[str, Any], per_device: int) -> train_transform.TrainTransform:
+  return train_transform.TrainTransform(
+      resolution=settings['train_resolution'], num_classes=NUM_CLASSES, per_device=per_device,
+      mix_mode=settings['mix'], mixup_alpha=settings['mixup_alpha'],
+      randaugment_layers=settings['randaugment_layers'],
+      randaugment_magnitude=settings['randaugment_magnitude'],
+      randaugment_semantics=settings['randaugment_semantics'])
+
+
 def project_transform(jpegs: Sequence[bytes], labels: np.ndarray, rng: np.random.Generator,
                       settings: Dict[str, Any]) -> Dict[str, np.ndarray]:
-  """The project's training transform for one batch (same order as the pipeline)."""
-  size = settings['train_resolution']
-  images = np.stack([ops_image.random_flip(ops_image.decode_random_resized_crop(b, rng, size), rng)
-                     for b in jpegs])
-  if settings['mix'] == 'mixup_cutmix':
-    images, targets = mix.mixup_cutmix(images, labels, NUM_CLASSES, rng, settings['mixup_alpha'])
-  else:
-    targets = mix.one_hot(labels, NUM_CLASSES)
-  layers, magnitude = settings['randaugment_layers'], settings['randaugment_magnitude']
-  if layers:
-    images = np.stack([randaugment.randaugment(x, rng, layers, magnitude) for x in images])
-  return {'images': ops_image.normalize(images), 'labels': targets}
+  """The pipeline's per-example transform over one device batch made from `jpegs`."""
+  group = crops_per_example(settings)
+  batch = len(jpegs) // group
+  transform = _train_transform(settings, per_device=batch)
+  examples = [{'image': image, 'label': label} for image, label in zip(jpegs, labels)]
+  outputs = [transform(examples[i * group:(i + 1) * group], i, rng) for i in range(batch)]
+  return {'images': np.stack([o['image'] for o in outputs]),
+          'labels': np.stack([o['targets'] for o in outputs])}
 
 
 def _baseline_random_resized_crop(image: Image.Image, size: int, rng) -> Image.Image:
@@ -158,47 +170,53 @@ def _baseline_cutout(image: Image.Image, half: int, rng) -> Image.Image:
 
 def baseline_transform(jpegs: Sequence[bytes], labels: np.ndarray, rng: np.random.Generator,
                        settings: Dict[str, Any]) -> Dict[str, np.ndarray]:
-  """Straightforward Pillow transform, timm style: per image decode/crop/flip/RandAugment, then mix."""
+  """Straightforward Pillow transform, timm style: decode/crop/flip each JPEG, mix pairs, RandAugment."""
   size = settings['train_resolution']
-  images = []
+  crops = []
   for data in jpegs:
     image = Image.open(io.BytesIO(data)).convert('RGB')
     image = _baseline_random_resized_crop(image, size, rng)
     if rng.random() < 0.5:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    crops.append(np.asarray(image, dtype=np.float64))
+  crops = np.stack(crops)
+  targets = np.eye(NUM_CLASSES)[labels]
+  if settings['mix'] == 'mixup_cutmix':
+    # Disjoint pairs (2i, 2i + 1): MixUp for the first half of the examples, CutMix for the rest.
+    first, second = crops[0::2], crops[1::2]
+    images, mixed_targets = first.copy(), targets[0::2].copy()
+    half = len(images) // 2
+    ratio = rng.beta(settings['mixup_alpha'], settings['mixup_alpha'], size=half)
+    images[:half] = (ratio[:, None, None, None] * first[:half]
+                     + (1 - ratio[:, None, None, None]) * second[:half])
+    mixed_targets[:half] = ratio[:, None] * targets[0:2 * half:2] + (1 - ratio[:, None]) * targets[1:2 * half:2]
+    for i in range(half, len(images)):
+      top, bottom, left, right = mix.cutmix_box(size, size, rng)
+      images[i] = second[i]
+      images[i, top:bottom, left:right] = first[i, top:bottom, left:right]
+      kept = (bottom - top) * (right - left) / size**2
+      mixed_targets[i] = kept * targets[2 * i] + (1 - kept) * targets[2 * i + 1]
+    crops, targets = images, mixed_targets
+  outputs = []
+  for image in np.clip(crops, 0, 255).astype(np.uint8):
+    image = Image.fromarray(image)
     if settings['randaugment_layers']:
       image = _baseline_randaugment(image, rng, settings['randaugment_layers'],
                                     settings['randaugment_magnitude'])
-    images.append(np.asarray(image, dtype=np.float64))
-  images = np.stack(images)
-  targets = np.eye(NUM_CLASSES)[labels]
-  if settings['mix'] == 'mixup_cutmix':
-    half = len(images) // 2
-    ratio = rng.beta(settings['mixup_alpha'], settings['mixup_alpha'], size=half)
-    partner = np.roll(np.arange(half), -1)
-    images[:half] = (ratio[:, None, None, None] * images[:half]
-                     + (1 - ratio[:, None, None, None]) * images[partner])
-    targets[:half] = ratio[:, None] * targets[:half] + (1 - ratio[:, None]) * targets[partner]
-    for i in range(half, len(images)):
-      j = half + (i - half + 1) % (len(images) - half)
-      top, bottom, left, right = mix.cutmix_box(size, size, rng)
-      images[i, top:bottom, left:right] = images[j, top:bottom, left:right]
-      pasted = (bottom - top) * (right - left) / size**2
-      targets[i] = (1 - pasted) * targets[i] + pasted * targets[j]
-  mean = np.array([0.485, 0.456, 0.406]) * 255
-  std = np.array([0.229, 0.224, 0.225]) * 255
-  return {'images': ((images - mean) / std).astype(np.float32), 'labels': targets}
+    outputs.append(np.asarray(image))
+  return {'images': np.stack(outputs), 'labels': targets.astype(np.float32)}
 
 
 def _time_transform(transform, jpegs, settings, batch_size, seconds, seed) -> Dict[str, float]:
-  """Runs whole batches for about `seconds` (at least one); returns images and elapsed seconds."""
+  """Runs whole batches for about `seconds` (at least one); returns examples and elapsed seconds."""
   rng = np.random.default_rng(seed)
   labels_rng = np.random.default_rng(seed + 1)
+  num_jpegs = batch_size * crops_per_example(settings)
   count, start, position = 0, time.perf_counter(), 0
   while True:
-    batch = [jpegs[(position + k) % len(jpegs)] for k in range(batch_size)]
-    position += batch_size
-    transform(batch, labels_rng.integers(0, NUM_CLASSES, size=batch_size), rng, settings)
+    batch = [jpegs[(position + k) % len(jpegs)] for k in range(num_jpegs)]
+    position += num_jpegs
+    transform(batch, labels_rng.integers(0, NUM_CLASSES, size=num_jpegs), rng, settings)
     count += batch_size
     elapsed = time.perf_counter() - start
     if elapsed >= seconds:
@@ -222,7 +240,7 @@ def run_input(args) -> Dict[str, Any]:
   transforms = {'project': project_transform, 'baseline': baseline_transform}
   totals = {name: {'images': 0, 'seconds': 0.0} for name in transforms}
   for name, transform in transforms.items():  # Warm-up: caches, lazy imports.
-    transform(jpegs[:batch_size], np.zeros(batch_size, np.int64), np.random.default_rng(0), settings)
+    _time_transform(transform, jpegs, settings, batch_size, 0, args.seed)
   for round_index in range(args.rounds):
     for name, transform in transforms.items():
       result = _time_transform(transform, jpegs, settings, batch_size,
@@ -248,6 +266,7 @@ def run_input(args) -> Dict[str, Any]:
       'image_size_mean_hw': [round(float(np.mean(heights))), round(float(np.mean(widths)))],
       'image_long_side_range': [int(min(map(max, sizes))), int(max(map(max, sizes)))],
       'batch_size': batch_size,
+      'crops_per_example': crops_per_example(settings),
       'cores': len(cpus),
       'images_per_s': round(all_cores, 1),
       'images_per_s_per_core': round(per_core['project'], 1),

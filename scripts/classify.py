@@ -3,11 +3,11 @@
   python -m scripts.classify photo.jpg --checkpoint F0_haiku.npz
   python -m scripts.classify digit.png --checkpoint runs/tiny-20261128-101500 [--config configs/nfnet.py:tiny]
 
-Images get the evaluation preprocessing of the config (TensorFlow-matching bicubic resize to
-(resolution + margin)^2, centre crop, normalisation), in float32. Without --config a project checkpoint uses
-its run's own config and a reference checkpoint its variant's recipe (test resolution); a --config that
-contradicts the checkpoint is refused. Prints one JSON line per image with the top classes (indices in the
-dataset's label order; for ImageNet, TFDS imagenet2012's) and their probabilities.
+Images get the evaluation preprocessing of the config (`nfnets.data.eval_image`: the reference's TensorFlow
+JPEG decode and bicubic resize to (resolution + margin)^2, centre crop, normalisation), in float32. Without
+--config a project checkpoint uses its run's own config and a reference checkpoint its variant's recipe (test
+resolution); a --config that contradicts the checkpoint is refused. Prints one JSON line per image with the
+top classes (indices in the dataset's label order; for ImageNet, TFDS imagenet2012's) and their probabilities.
 """
 import json
 
@@ -20,7 +20,7 @@ import numpy as np
 from experiments import common
 from nfnets import checkpoint
 from nfnets import models
-from nfnets.data import ops_image
+import nfnets.data
 from nfnets.errors import UserError
 
 _CONFIG = common.define_config_flag('Config whose evaluation preprocessing to use; default: the checkpoint\'s own.')
@@ -39,9 +39,8 @@ def classify(image_paths: list[str], loaded: checkpoint.Checkpoint, config: ml_c
     path = epath.Path(path)
     if not path.is_file():
       raise UserError(f'no image file {path}')
-    image = ops_image.decode_image(path.read_bytes())
-    images.append(ops_image.normalize(ops_image.eval_resize_and_crop(
-        image, config.data.eval_resolution, config.data.eval_resize_margin)))
+    images.append(nfnets.data.eval_image(path.read_bytes(), config.data.eval_resolution,
+                                         config.data.eval_resize_margin))
   logits, _ = jax.jit(forward.apply, static_argnames='is_training')(
       params, model_state, None, np.stack(images), is_training=False)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))

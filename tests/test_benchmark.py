@@ -50,13 +50,16 @@ def test_unknown_subcommand_and_bad_sizes_are_rejected():
   assert _run('input', '--num_images', '0').returncode != 0
 
 
-def test_both_transforms_produce_normalised_batches_with_mixed_targets(tmp_path):
-  jpegs = benchmark.make_jpegs(4, str(tmp_path), seed=1)
-  assert len(list(tmp_path.glob('*.jpg'))) == 4
+def test_both_transforms_make_uint8_examples_from_disjoint_pairs_of_jpegs(tmp_path):
+  jpegs = benchmark.make_jpegs(8, str(tmp_path), seed=1)
+  assert len(list(tmp_path.glob('*.jpg'))) == 8
   settings = dict(benchmark.DEFAULT_INPUT_SETTINGS, train_resolution=32)
-  labels = np.arange(4)
+  assert benchmark.crops_per_example(settings) == 2
+  labels = np.arange(8)
   for transform in (benchmark.project_transform, benchmark.baseline_transform):
     batch = transform(jpegs, labels, np.random.default_rng(0), settings)
-    assert batch['images'].shape == (4, 32, 32, 3) and batch['images'].dtype == np.float32
-    assert -3 < batch['images'].mean() < 3
+    assert batch['images'].shape == (4, 32, 32, 3) and batch['images'].dtype == np.uint8
     np.testing.assert_allclose(batch['labels'].sum(axis=1), 1.0, rtol=1e-5)
+    # Example i is made from JPEGs 2i and 2i + 1 (their labels), each JPEG used once.
+    for i, target in enumerate(batch['labels']):
+      assert set(np.nonzero(target)[0]) <= {2 * i, 2 * i + 1}

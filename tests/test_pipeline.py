@@ -22,16 +22,30 @@ def _data_config(**overrides):
       name='synthetic', data_dir=None, train_split='train', eval_split='test',
       train_resolution=16, eval_resolution=16, eval_resize_margin=4, crop_min_area=0.08,
       flip=True, randaugment_layers=2, randaugment_magnitude=5.0, randaugment_after_mix=True,
-      mix='mixup_cutmix', mixup_alpha=0.2, num_workers=0))
+      randaugment_semantics='reference', mix='mixup_cutmix', mixup_alpha=0.2, num_workers=0))
   config.update(overrides)
   return config
+
+
+def _colour(index):
+  # Odd levels 2k + 1: a resized flat image may come out a hair lower, which truncation to uint8
+  # turns into 2k, still k after halving.
+  return np.array([2 * (index % 128) + 1, 2 * (index // 128) + 1, 77], np.uint8)
+
+
+def _index(levels):
+  """Example index of a pixel (or pixels [..., 3]) of IndexCodedSource colours."""
+  levels = np.asarray(levels).astype(int) // 2
+  assert np.all(levels[..., 2] == 38), 'expected untouched flat images'
+  return levels[..., 0] + 128 * levels[..., 1]
 
 
 class IndexCodedSource:
   """Flat-colour PNGs whose colour spells the example's index, so any crop still names it."""
 
-  def __init__(self, num_examples):
+  def __init__(self, num_examples, num_classes=NUM_CLASSES):
     self._num_examples = num_examples
+    self._num_classes = num_classes
 
   def __len__(self):
     return self._num_examples
@@ -39,19 +53,17 @@ class IndexCodedSource:
   def __getitem__(self, index):
     if not 0 <= index < self._num_examples:
       raise IndexError(index)
-    pixel = np.array([index % 256, index // 256, 77], np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(np.broadcast_to(pixel, (12, 12, 3)).copy()).save(buffer, format='PNG')
-    return {'image': buffer.getvalue(), 'label': index % NUM_CLASSES}
+    Image.fromarray(np.broadcast_to(_colour(index), (12, 12, 3)).copy()).save(buffer, format='PNG')
+    return {'image': buffer.getvalue(), 'label': index % self._num_classes}
 
 
 def _ids(images):
-  """Example indices of a batch of normalised flat images from IndexCodedSource."""
+  """Example indices of a batch of flat images from IndexCodedSource (uint8, or normalised)."""
   flat = images.reshape(-1, *images.shape[-3:])
-  raw = flat * ops_image.STDDEV_RGB + ops_image.MEAN_RGB
-  means = np.rint(raw.mean(axis=(1, 2))).astype(int)
-  assert np.all(means[:, 2] == 77), 'expected untouched flat images'
-  return list(means[:, 0] + 256 * means[:, 1])
+  if flat.dtype != np.uint8:
+    flat = np.rint(flat * ops_image.STDDEV_RGB + ops_image.MEAN_RGB)
+  return list(_index(flat[:, 0, 0]))
 
 
 @pytest.fixture
@@ -87,13 +99,11 @@ def _assert_same_batches(first, second):
 def test_train_batch_layout_and_mixed_targets():
   iterator = _train(_data_config())
   batches = _take(iterator, 3)
-  low = (0 - ops_image.MEAN_RGB) / ops_image.STDDEV_RGB
-  high = (255 - ops_image.MEAN_RGB) / ops_image.STDDEV_RGB
   for batch in batches:
     assert set(batch) == {'images', 'labels'}
-    assert batch['images'].shape == (2, 4, 16, 16, 3) and batch['images'].dtype == np.float32
+    # uint8 for the device, which normalises (nfnets.train_step.normalize_images).
+    assert batch['images'].shape == (2, 4, 16, 16, 3) and batch['images'].dtype == np.uint8
     assert batch['labels'].shape == (2, 4, NUM_CLASSES) and batch['labels'].dtype == np.float32
-    assert np.all(batch['images'] >= low - 1e-4) and np.all(batch['images'] <= high + 1e-4)
     np.testing.assert_allclose(batch['labels'].sum(-1), 1.0, atol=1e-5)
     assert np.all(batch['labels'] >= 0)
   # MixUp/CutMix must actually soften some targets.
@@ -105,6 +115,34 @@ def test_without_mixing_targets_are_the_one_hot_labels(coded_source):
   ids = _ids(batch['images'])
   expected = np.eye(NUM_CLASSES)[[coded_source[i]['label'] for i in ids]]
   np.testing.assert_array_equal(batch['labels'].reshape(-1, NUM_CLASSES), expected)
+
+
+def test_each_example_mixes_two_crops_that_no_other_example_uses(monkeypatch):
+  # Labels are the example indices, so each target names the two crops it was made from.
+  source = IndexCodedSource(48, num_classes=48)
+  monkeypatch.setattr(sources, 'get_source', lambda data_config, split: source)
+  config = _data_config(randaugment_layers=0, flip=False)
+  iterator = pipeline.make_train_iterator(config, num_classes=48, global_batch_size=8, seed=0,
+                                          local_device_count=2)
+  used = []
+  for batch in _take(iterator, 3):  # 3 x 8 examples from 48 crops: exactly one epoch.
+    for device in range(2):
+      for position in range(4):
+        image = batch['images'][device, position].astype(np.float32)
+        target = batch['labels'][device, position]
+        crops = np.argsort(target)[-2:]
+        assert target[crops].sum() == pytest.approx(1, abs=1e-6)
+        colours = [_colour(c).astype(np.float32) for c in crops]
+        if position < 2:  # MixUp: one blended colour everywhere
+          expected = target[crops[0]] * colours[0] + target[crops[1]] * colours[1]
+          assert np.abs(image - expected).max() <= 1.01
+        else:  # CutMix: each crop's share of the pixels is its target weight
+          pixel_ids = _index(image)
+          assert set(np.unique(pixel_ids)) <= set(crops)
+          for crop in crops:
+            assert np.mean(pixel_ids == crop) == pytest.approx(target[crop], abs=1e-6)
+        used += list(crops)
+  assert sorted(used) == list(range(48))
 
 
 def test_training_is_deterministic_given_the_seed():
@@ -125,11 +163,12 @@ def test_hosts_see_disjoint_slices_covering_the_split_each_epoch(coded_source):
   assert sorted(seen[0] + seen[1]) == list(range(len(coded_source)))
 
 
-@pytest.mark.parametrize('augment', [_IDENTITY_AUGMENT, {}])
+@pytest.mark.parametrize('augment', [_IDENTITY_AUGMENT, {'mix': 'none'}, {}])
 def test_the_global_batch_does_not_depend_on_the_number_of_hosts(augment):
-  # Each host decodes its slice of the same global batch, with every per-example random choice keyed by
-  # the example's global position: 2 hosts x 1 device see exactly what 1 host x 2 devices sees.
-  config = _data_config(**{**augment, 'mix': 'none'})
+  # Each host decodes its slice of the same global batch, with every random choice (mixing included)
+  # keyed by the training example's global position: 2 hosts x 1 device see exactly what 1 host x 2
+  # devices sees (the same per-device batch of 6).
+  config = _data_config(**augment)
   one_host = _take(_train(config, global_batch_size=12, process_index=0, process_count=1, local_device_count=2), 3)
   hosts = [_take(_train(config, global_batch_size=12, process_index=h, process_count=2, local_device_count=1), 3)
            for h in (0, 1)]
@@ -221,9 +260,8 @@ def test_eval_matches_the_direct_transform_on_digits(tmp_path):
   mask = np.concatenate([b['mask'].reshape(-1) for b in batches])
   assert mask.sum() == len(source) and np.all(mask[:len(source)] == 1)
   for index in (0, 17, len(source) - 1):
-    expected = ops_image.normalize(ops_image.eval_resize_and_crop(
-        ops_image.decode_image(source[index]['image']), 24, margin=4))
-    np.testing.assert_allclose(images[index], expected, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(images[index],
+                                  ops_image.eval_image(source[index]['image'], 24, margin=4))
     assert labels[index] == source[index]['label']
   train = next(_train(config.copy_and_resolve_references(), global_batch_size=8))
   assert train['images'].shape == (2, 4, 16, 16, 3)
@@ -237,5 +275,7 @@ def test_batch_sizes_that_do_not_split_evenly_are_rejected():
     _train(config, global_batch_size=6, process_count=2, process_index=0)
   with pytest.raises(ValueError, match='Unknown config.data.mix'):
     _train(_data_config(mix='cutout'))
+  with pytest.raises(ValueError, match='randaugment_semantics'):
+    _train(_data_config(randaugment_semantics='tf'))
   with pytest.raises(ValueError, match='process_index'):
     _train(config, process_index=2, process_count=2)

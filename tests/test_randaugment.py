@@ -1,4 +1,5 @@
-"""Tests for nfnets.data.randaugment: every op at magnitudes 0 and 10 on a real photo, the table."""
+"""Tests for nfnets.data.randaugment: every op at magnitudes 0-15 on a real photo, the table, and the
+reference's Solarize and Contrast against the corrected ones."""
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
@@ -36,7 +37,7 @@ def test_enhance_ops_are_identity_at_five_and_match_pillow_at_zero_and_ten(photo
   np.testing.assert_array_equal(ra.apply_op(photo, name, 5, _rng()), photo)
   enhancer = getattr(ImageEnhance, name)(Image.fromarray(photo))
   for magnitude, factor in [(0, 0.1), (10, 1.9)]:
-    out = ra.apply_op(photo, name, magnitude, _rng())
+    out = ra.apply_op(photo, name, magnitude, _rng(), semantics='corrected')
     np.testing.assert_array_equal(out, np.asarray(enhancer.enhance(factor)))
     assert not np.array_equal(out, photo)
 
@@ -63,11 +64,28 @@ def test_posterize_keeps_the_table_bit_count(photo):
   np.testing.assert_array_equal(ra.apply_op(photo, 'Posterize', 25, _rng()), photo)
 
 
-def test_solarize_thresholds(photo):
-  np.testing.assert_array_equal(ra.apply_op(photo, 'Solarize', 0, _rng()), 255 - photo)
-  half = ra.apply_op(photo, 'Solarize', 5, _rng())
-  np.testing.assert_array_equal(half, np.where(photo < 128, photo, 255 - photo))
-  np.testing.assert_array_equal(ra.apply_op(photo, 'Solarize', 10, _rng()), photo)
+@pytest.mark.parametrize('semantics,magnitude,inverted_from', [
+    ('reference', 0, 0), ('reference', 5, 128), ('reference', 10, 0), ('reference', 15, 128),
+    ('corrected', 0, 0), ('corrected', 5, 128), ('corrected', 10, 256), ('corrected', 15, 256)])
+def test_solarize_thresholds(photo, semantics, magnitude, inverted_from):
+  # The reference cast int(256 M / 10) to uint8: 256 wraps to 0 (all inverted), 384 to 128.
+  out = ra.apply_op(photo, 'Solarize', magnitude, _rng(), semantics=semantics)
+  np.testing.assert_array_equal(out, np.where(photo < inverted_from, photo, 255 - photo))
+
+
+@pytest.mark.parametrize('side,grey', [(192, 144), (224, 196), (256, 255), (300, 255)])
+@pytest.mark.parametrize('magnitude', [0, 10, 15])
+def test_reference_contrast_blends_towards_pixel_count_over_256(side, grey, magnitude):
+  # Its "mean" was the grey histogram's sum (the pixel count) / 256 bins, clipped to 255.
+  image = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+  factor = np.float32(1.8 * magnitude / 10 + 0.1)
+  blended = np.float32(grey) + factor * (image.astype(np.float32) - np.float32(grey))
+  expected = np.clip(blended, 0, 255).astype(np.uint8)  # TF's blend truncates
+  np.testing.assert_array_equal(ra.apply_op(image, 'Contrast', magnitude, _rng()), expected)
+  corrected = ra.apply_op(image, 'Contrast', magnitude, _rng(), semantics='corrected')
+  mean_grey = np.asarray(Image.fromarray(image).convert('L'), np.float64).mean()
+  assert abs(mean_grey - grey) > 10 and not np.array_equal(corrected, expected)
+  np.testing.assert_array_equal(ra.apply_op(image, 'Contrast', 5, _rng()), image)
 
 
 def test_solarize_add_adds_110_below_128(photo):
@@ -147,6 +165,8 @@ def test_randaugment_rejects_bad_input(photo):
     ra.randaugment(photo, _rng(), -1, 5)
   with pytest.raises(ValueError, match='Unknown RandAugment op'):
     ra.apply_op(photo, 'Blur', 5, _rng())
+  with pytest.raises(ValueError, match='semantics'):
+    ra.randaugment(photo, _rng(), 2, 5, semantics='tf')
 
 
 def test_lookup_matches_pillow_point(photo):

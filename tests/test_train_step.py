@@ -1,12 +1,15 @@
 """The pure train/eval steps under pmap on 2 simulated CPU devices."""
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from nfnets import distributed
 from nfnets import train_step as train_step_lib
 from nfnets import train_state
 from nfnets import trainer
+from nfnets.data import ops_image
 from tests import tiny_setup
 
 RES = tiny_setup.RESOLUTION
@@ -122,3 +125,24 @@ def test_eval_step_counts_only_unmasked_examples():
       state.params, state.model_state, None, batch['images'].reshape(-1, RES, RES, 3), is_training=False)
   expected_top1 = np.sum((np.argmax(logits, -1) == labels.reshape(-1)) * mask.reshape(-1))
   assert sums['top1'] == expected_top1
+
+
+def test_uint8_batches_are_normalised_in_the_step_exactly_as_on_the_host():
+  # The input pipeline sends uint8 training images; the step must see what host normalisation gives.
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
+  host = ops_image.normalize(pixels)
+  np.testing.assert_array_equal(jax.jit(train_step_lib.normalize_images)(pixels), host)
+  forward = hk.transform_with_state(
+      lambda images, is_training: hk.Linear(NUM_CLASSES)(images.reshape(images.shape[0], -1)))
+  optimizer = optax.sgd(0.1)
+  state = train_step_lib.init_train_state(forward, optimizer, jax.random.PRNGKey(0), host[0])
+  step = train_step_lib.make_train_step(forward, optimizer, lambda step: 0.1,
+                                        label_smoothing=0.1, ema_decay=0.99)
+  labels = np.eye(NUM_CLASSES, dtype=np.float32)[np.arange(6).reshape(2, 3) % NUM_CLASSES]
+  from_uint8, metrics_uint8 = _run(step, state, [{'images': pixels, 'labels': labels}],
+                                   jax.local_devices())
+  from_float, metrics_float = _run(step, state, [{'images': host, 'labels': labels}],
+                                   jax.local_devices())
+  assert float(metrics_uint8['loss']) == float(metrics_float['loss'])
+  for a, b in zip(jax.tree.leaves(from_uint8.params), jax.tree.leaves(from_float.params)):
+    np.testing.assert_array_equal(a, b)

@@ -109,9 +109,10 @@ def _intercept_train_batches(monkeypatch, start, action):
                       lambda *a, **k: _Intercepted(make_train_iterator(*a, **k), start, action))
 
 
-def _with_a_nan_pixel(batch):
-  batch = dict(batch, images=batch['images'].copy())
-  batch['images'][0, 0, 0, 0, 0] = np.nan
+def _with_a_nan_target(batch):
+  # Training images are uint8 (no NaN possible); a NaN target poisons the loss just as well.
+  batch = dict(batch, labels=batch['labels'].copy())
+  batch['labels'][0, 0, 0] = np.nan
   return batch
 
 
@@ -132,7 +133,7 @@ def test_sigterm_checkpoints_and_stops_and_the_rerun_finishes_the_same(uninterru
 
 
 def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  _intercept_train_batches(monkeypatch, 13, _with_a_nan_pixel)
+  _intercept_train_batches(monkeypatch, 13, _with_a_nan_target)
   config = tiny_config()
   config.train.max_consecutive_nonfinite = 3
   workdir = str(tmp_path / 'nan')

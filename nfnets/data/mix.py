@@ -1,21 +1,20 @@
-"""MixUp on the first half of a batch, CutMix on the second half (host-side numpy).
+"""MixUp and CutMix as the reference mixes: disjoint pairs of float crops, one example per pair.
 
-Partner rule: within each half, example i is mixed with example (i + 1) mod n of the same half (a
-roll by one), so with two or more examples in a half nobody is paired with itself. A half holding a
-single example is paired with itself, which leaves it unchanged with its own one-hot target; so batch
-size 1 passes through untouched. For an odd batch the CutMix half gets the extra example
-(MixUp takes B // 2).
+The reference decodes 2B crops for a device's B examples: the first B/2 examples are MixUp and the
+other B/2 CutMix, each made from two crops that no other example uses. Here a pair is two consecutive
+crops of the (shuffled) stream, which is the same distribution; `uses_cutmix` tells which kind an
+example is from its position in its device's batch (with an odd B, CutMix gets the extra example).
 
-MixUp: ratio r ~ Beta(alpha, alpha) per example; image = r x_i + (1 - r) x_partner and
-target = r y_i + (1 - r) y_partner.
+In both, the first crop `a` gets target weight `ratio` and the second `b` weight 1 - ratio:
 
-CutMix (as the reference): per example u ~ Uniform(0, 1); a box with sides int(sqrt(1 - u) * H) and
-int(sqrt(1 - u) * W) centred at a uniform integer pixel, halves rounded down and clipped to the
-image; the partner's pixels are pasted into the box, and the partner's target weight is the area
-actually pasted (after clipping) divided by H * W. The reference keeps its own pixels inside the box
-instead; with the roles of the pair swapped that is the same distribution of (images, targets).
+- MixUp: ratio ~ Beta(alpha, alpha) per example; image = ratio * a + (1 - ratio) * b in float32.
+- CutMix: a box with sides int(sqrt(1 - u) * H) and int(sqrt(1 - u) * W), u ~ Uniform(0, 1), centred
+  at a uniform integer pixel, halves rounded down, clipped to the image; the image is `a` inside the
+  box and `b` outside, and ratio = the box's area / (H * W) after clipping (the area `a` keeps).
+
+Images are mixed as floats (the unclipped bicubic crops); the caller clips and truncates afterwards.
 """
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -33,20 +32,11 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return targets
 
 
-def _targets(labels: np.ndarray, num_classes: int, batch: int) -> np.ndarray:
-  labels = np.asarray(labels)
-  if labels.ndim == 2:
-    if labels.shape != (batch, num_classes):
-      raise ValueError(f'One-hot labels must be [{batch}, {num_classes}], got {labels.shape}.')
-    return labels.astype(np.float32)
-  if labels.shape != (batch,):
-    raise ValueError(f'Labels must be [{batch}] ints or [{batch}, {num_classes}] one-hot, '
-                     f'got {labels.shape}.')
-  return one_hot(labels, num_classes)
-
-
-def _partners(start: int, stop: int) -> np.ndarray:
-  return start + (np.arange(stop - start) + 1) % max(stop - start, 1)
+def uses_cutmix(position: int, per_device: int) -> bool:
+  """Whether the example at `position` of a device's batch of `per_device` is CutMix (else MixUp)."""
+  if not 0 <= position < per_device:
+    raise ValueError(f'Position {position} is outside a device batch of {per_device}.')
+  return position >= per_device // 2
 
 
 def cutmix_box(height: int, width: int, rng: np.random.Generator) -> Tuple[int, int, int, int]:
@@ -59,55 +49,41 @@ def cutmix_box(height: int, width: int, rng: np.random.Generator) -> Tuple[int, 
   return int(top), int(bottom), int(left), int(right)
 
 
-def mixup_cutmix(images: np.ndarray, labels: np.ndarray, num_classes: int,
-                 rng: np.random.Generator, alpha: float = 0.2) -> Tuple[np.ndarray, np.ndarray]:
-  """MixUp on images[:B // 2], CutMix on images[B // 2:]; see the module docstring for the rules.
+def mixup(image_a: np.ndarray, image_b: np.ndarray, ratio: float) -> np.ndarray:
+  """ratio * a + (1 - ratio) * b, in float32."""
+  ratio = np.float32(ratio)
+  mixed = np.multiply(image_a, ratio, dtype=np.float32)
+  mixed += np.multiply(image_b, np.float32(1) - ratio, dtype=np.float32)
+  return mixed
 
-  Args:
-    images: uint8 [B, H, W, 3].
-    labels: int [B] class ids, or float [B, num_classes] targets (e.g. already mixed or smoothed).
-    num_classes: number of classes of the targets.
-    rng: numpy Generator for the ratios, boxes.
-    alpha: Beta(alpha, alpha) concentration of the MixUp ratios.
 
-  Returns:
-    (uint8 [B, H, W, 3] mixed images, rounded; float32 [B, num_classes] mixed targets).
+def cutmix(image_a: np.ndarray, image_b: np.ndarray,
+           box: Tuple[int, int, int, int]) -> Tuple[np.ndarray, float]:
+  """(`a` inside `box`, `b` outside, as float32; the fraction of the image inside the box)."""
+  top, bottom, left, right = box
+  mixed = np.array(image_b, dtype=np.float32)
+  mixed[top:bottom, left:right] = image_a[top:bottom, left:right]
+  height, width = mixed.shape[:2]
+  return mixed, (bottom - top) * (right - left) / (height * width)
+
+
+def mix_pair(images: Sequence[np.ndarray], targets: Sequence[np.ndarray], use_cutmix: bool,
+             rng: np.random.Generator, alpha: float = 0.2) -> Tuple[np.ndarray, np.ndarray]:
+  """One example from two crops `images` = (a, b) [H, W, C] and their float `targets` = (y_a, y_b).
+
+  Returns (float32 [H, W, C] image, float32 target ratio * y_a + (1 - ratio) * y_b).
   """
-  images = np.asarray(images)
-  if images.ndim != 4 or images.dtype != np.uint8:
-    raise ValueError(f'Expected uint8 images [B, H, W, C], got {images.dtype} {images.shape}.')
+  image_a, image_b = images
+  if image_a.shape != image_b.shape or image_a.ndim != 3:
+    raise ValueError(f'Expected two [H, W, C] images of one shape, got {image_a.shape} and '
+                     f'{image_b.shape}.')
   if alpha <= 0:
     raise ValueError(f'MixUp alpha must be positive, got {alpha}.')
-  batch, height, width = images.shape[:3]
-  targets = _targets(labels, num_classes, batch)
-  num_mixup = batch // 2
-
-  mixed_images = images.copy()
-  mixed_targets = targets.copy()
-
-  partners = _partners(0, num_mixup)
-  ratios = rng.beta(alpha, alpha, size=num_mixup).astype(np.float32)
-  if num_mixup:
-    # float32 as numpy promotes r * uint8, computed one example at a time in two reused scratch
-    # buffers: mixed uint8 x float32 ufuncs go through numpy's slow buffered casting, and
-    # batch-sized temporaries cost fresh pages on every call.
-    blended = np.empty(images.shape[1:], np.float32)
-    partner_image = np.empty_like(blended)
-    for i, (partner, ratio) in enumerate(zip(partners, ratios)):
-      blended[...] = images[i]
-      blended *= ratio
-      partner_image[...] = images[partner]
-      partner_image *= 1 - ratio
-      blended += partner_image
-      np.rint(blended, out=blended)
-      np.clip(blended, 0, 255, out=blended)
-      mixed_images[i] = blended
-    mixed_targets[:num_mixup] = (ratios[:, None] * targets[:num_mixup]
-                                 + (1 - ratios[:, None]) * targets[partners])
-
-  for i, partner in zip(range(num_mixup, batch), _partners(num_mixup, batch)):
-    top, bottom, left, right = cutmix_box(height, width, rng)
-    mixed_images[i, top:bottom, left:right] = images[partner, top:bottom, left:right]
-    pasted = (bottom - top) * (right - left) / (height * width)
-    mixed_targets[i] = (1 - pasted) * targets[i] + pasted * targets[partner]
-  return mixed_images, mixed_targets
+  if use_cutmix:
+    mixed, ratio = cutmix(image_a, image_b, cutmix_box(*image_a.shape[:2], rng))
+  else:
+    ratio = float(np.float32(rng.beta(alpha, alpha)))
+    mixed = mixup(image_a, image_b, ratio)
+  ratio = np.float32(ratio)
+  first, second = (np.asarray(t, np.float32) for t in targets)
+  return mixed, (ratio * first + (1 - ratio) * second).astype(np.float32)

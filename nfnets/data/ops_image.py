@@ -1,16 +1,23 @@
-"""Host-side image transforms: decode, random-resized crop, flip, eval resize, normalise.
+"""Host-side image transforms: decode, random-resized crop, eval resize, normalise.
 
-Everything here is numpy/Pillow and runs inside the input workers. Images are uint8 HWC RGB unless a
-docstring says otherwise.
+Everything here is numpy (plus a JPEG decoder) and runs inside the input workers. Decoding and
+resizing reproduce TensorFlow's, as the reference ran them, bit for bit:
 
-Training crops follow the reference (TensorFlow's `sample_distorted_bounding_box` with the whole image
-as the only box, then a centre-crop fallback), but decode with Pillow: the crop box is sampled from the
-JPEG header alone, the JPEG is decoded at the smallest DCT scale that still covers the crop at the output
-resolution, and the crop and bicubic resize are one `Image.resize(box=...)` call.
+- JPEGs are decoded by libjpeg-turbo (through simplejpeg) with the fast integer IDCT (IFAST) and fancy
+  chroma upsampling, what `tf.io.decode_jpeg` and `tf.image.decode_and_crop_jpeg` do by default.
+  Pillow's decoder uses the accurate IDCT (ISLOW) and differs by about 1 grey level on average. Other
+  formats (the PNGs of the digits and synthetic datasets) and JPEGs that libjpeg-turbo reports as
+  damaged are decoded by Pillow.
+- Resizes are TF's bicubic without antialiasing (`nfnets.data.bicubic`), in float32, unclipped.
 
-Evaluation resizes must match TensorFlow's `tf.image.resize(method='bicubic', antialias=False)` exactly
-(the published checkpoints were evaluated that way), which Pillow cannot do, so `eval_resize_and_crop`
-applies TF's Keys-cubic weights as two separable matrix products.
+Training crops follow the reference: a box from TensorFlow's `sample_distorted_bounding_box` rule
+(whole image as the only box, then the centre-crop fallback), cut from the image decoded at full
+resolution, mirrored with probability 1/2, resized to the training resolution. (The reference decoded
+only the window, `decode_and_crop_jpeg`, whose chroma upsampling treats the window's edges as the
+image's: its first and last pixel columns can differ from a cut-out of the full decode.) Evaluation
+(`eval_image`) resizes the whole image to (res + margin)^2, takes the centre crop and normalises.
+
+Images are uint8 HWC RGB unless a docstring says otherwise.
 """
 import functools
 import io
@@ -19,11 +26,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
+import simplejpeg
+
+from nfnets.data import bicubic
 
 # ImageNet channel statistics on the 0-255 scale.
 MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STDDEV_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255
-_INV_STDDEV_RGB = 1 / STDDEV_RGB
+INV_STDDEV_RGB = 1 / STDDEV_RGB
 
 # The reference's crop sampler also requires the crop to cover this fraction of the image (its
 # `min_object_covered`), which tightens area_range's lower end from 0.08 to 0.1.
@@ -35,23 +45,28 @@ FALLBACK_CROP_MARGIN = 32
 Box = Tuple[int, int, int, int]
 
 
-def _open(image_bytes: bytes) -> Image.Image:
-  if not isinstance(image_bytes, (bytes, bytearray, memoryview, np.bytes_)):
-    raise TypeError(f'Expected encoded image bytes, got {type(image_bytes).__name__}.')
-  try:
-    return Image.open(io.BytesIO(bytes(image_bytes)))
-  except Exception as e:  # Pillow raises several types for undecodable data.
-    raise ValueError(f'Cannot decode image ({len(image_bytes)} bytes): {e}; '
-                     'pass JPEG/PNG/other Pillow-readable bytes.') from e
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-  return image if image.mode == 'RGB' else image.convert('RGB')
+_JPEG_MAGIC = b'\xff\xd8'
 
 
 def decode_image(image_bytes: bytes) -> np.ndarray:
-  """Decodes JPEG/PNG/... bytes into a uint8 [H, W, 3] RGB array (grayscale, CMYK, RGBA converted)."""
-  return np.asarray(_to_rgb(_open(image_bytes)))
+  """Decodes JPEG/PNG/... bytes into a uint8 [H, W, 3] RGB array, JPEGs exactly as TensorFlow does.
+
+  Grayscale, CMYK, palette and RGBA images are converted to RGB.
+  """
+  if not isinstance(image_bytes, (bytes, bytearray, memoryview, np.bytes_)):
+    raise TypeError(f'Expected encoded image bytes, got {type(image_bytes).__name__}.')
+  data = bytes(image_bytes)
+  if data.startswith(_JPEG_MAGIC):
+    try:
+      return simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=True, fastupsample=False)
+    except ValueError:
+      pass  # Damaged data (even recoverable damage): Pillow decodes it or reports it below.
+  try:
+    image = Image.open(io.BytesIO(data))
+    return np.asarray(image if image.mode == 'RGB' else image.convert('RGB'))
+  except Exception as e:  # Pillow raises several types for undecodable data.
+    raise ValueError(f'Cannot decode image ({len(data)} bytes): {e}; '
+                     'pass JPEG/PNG/other Pillow-readable bytes.') from e
 
 
 def sample_distorted_box(height: int, width: int, rng: np.random.Generator,
@@ -127,98 +142,43 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator, s
   return box
 
 
-def _draft_scale(crop_h: int, crop_w: int, size: int) -> int:
-  """Largest JPEG DCT reduction (1, 2, 4, 8) after which the crop still has >= size pixels a side."""
-  for scale in (8, 4, 2):
-    if min(crop_h, crop_w) >= scale * size:
-      return scale
-  return 1
+def crop_and_resize(image: np.ndarray, box: Box, size: int, mirror: bool = False) -> np.ndarray:
+  """Cuts `box` out of a decoded HWC image and resizes it to float32 [size, size, C] (TF bicubic).
 
-
-def crop_and_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
-  """Decodes `image` (lazily opened) at a reduced DCT scale if possible, crops `box`, resizes bicubic."""
+  `mirror` flips the crop left-right before resizing (computed by the resize itself, at no cost).
+  """
   top, left, crop_h, crop_w = box
-  width, height = image.size
-  scale = _draft_scale(crop_h, crop_w, size) if image.format == 'JPEG' else 1
-  if scale > 1:
-    # Asking for W // scale makes Pillow pick exactly `scale` (W // (W // s) is in [s, 2s) for W > 2s).
-    image.draft('RGB', (width // scale, height // scale))
-    # DCT scaling maps source pixel x to x / s whatever the rounding of the decoded size.
-    scale = round(width / image.size[0])
-  image = _to_rgb(image)
-  resample_box = (left / scale, top / scale, (left + crop_w) / scale, (top + crop_h) / scale)
-  return np.asarray(image.resize((size, size), Image.BICUBIC, box=resample_box))
+  return bicubic.resize(image[top:top + crop_h, left:left + crop_w], size, size, mirror=mirror)
 
 
-def decode_random_resized_crop(image_bytes: bytes, rng: np.random.Generator, size: int,
+def decode_random_resized_crop(image_bytes: bytes, rng: np.random.Generator, size: int, *,
                                area_range: Tuple[float, float] = (0.08, 1.0),
                                aspect_range: Tuple[float, float] = (3 / 4, 4 / 3),
-                               attempts: int = 10) -> np.ndarray:
-  """Training crop: samples a box from the header's size, decodes only as much as needed.
+                               attempts: int = 10, random_flip: bool = False) -> np.ndarray:
+  """The reference's training crop: float32 [size, size, 3], unclipped.
 
-  Returns uint8 [size, size, 3]. The box follows `random_resized_crop_box` (reference sampler with its
-  centre-crop fallback); the resize is Pillow's bicubic.
+  The image is decoded at full resolution, the box follows `random_resized_crop_box`, then with
+  `random_flip` the crop is mirrored with probability 1/2, and it is resized with TF's bicubic.
   """
   if size <= 0:
     raise ValueError(f'Crop size must be positive, got {size}.')
-  image = _open(image_bytes)
-  width, height = image.size
-  box = random_resized_crop_box(height, width, rng, size, area_range, aspect_range, attempts)
-  return crop_and_resize(image, box, size)
+  image = decode_image(image_bytes)
+  box = random_resized_crop_box(image.shape[0], image.shape[1], rng, size, area_range,
+                                aspect_range, attempts)
+  mirror = bool(random_flip and rng.random() < 0.5)
+  return crop_and_resize(image, box, size, mirror=mirror)
 
 
-def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Mirrors an HWC image left-right with probability 1/2."""
-  if rng.random() < 0.5:
-    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
-      # Pillow's transpose is ~3x faster than numpy's copy of a reversed view of 3-byte pixels.
-      return np.asarray(Image.fromarray(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-    return np.ascontiguousarray(image[:, ::-1])
-  return image
-
-
-def _keys_cubic(distance: np.ndarray, a: float = -0.5) -> np.ndarray:
-  d = np.abs(distance)
-  near = ((a + 2) * d - (a + 3)) * d * d + 1
-  far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-  return np.where(d < 1, near, np.where(d < 2, far, 0.0))
-
-
-@functools.lru_cache(maxsize=64)
-def tf_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
-  """[out_size, in_size] float32 weights of TF's non-antialiased bicubic resize along one axis.
-
-  Half-pixel centres: output i samples input coordinate (i + 0.5) * in / out; taps that fall outside
-  the image are dropped and the remaining weights renormalised (TF's scale_and_translate).
-  """
-  if in_size <= 0 or out_size <= 0:
-    raise ValueError(f'Resize sizes must be positive, got {in_size} -> {out_size}.')
-  sample = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size)
-  source = np.arange(in_size, dtype=np.float64) + 0.5
-  weights = _keys_cubic(source[None, :] - sample[:, None])
-  weights /= weights.sum(axis=1, keepdims=True)
-  weights = weights.astype(np.float32)
-  weights.flags.writeable = False
-  return weights
-
-
-def tf_bicubic_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Resizes HWC `image` to [height, width, C] float32 like tf.image.resize bicubic, unclipped."""
-  if image.ndim != 3:
-    raise ValueError(f'Expected an HWC image, got shape {image.shape}.')
-  in_h, in_w, channels = image.shape
-  rows = tf_bicubic_weights(in_h, height)
-  cols = tf_bicubic_weights(in_w, width)
-  pixels = image.astype(np.float32, copy=False).reshape(in_h, in_w * channels)
-  resized_rows = (rows @ pixels).reshape(height, in_w, channels)
-  return np.matmul(cols[None], resized_rows)
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Clips float pixels to [0, 255] and truncates to uint8, as the reference did before RandAugment."""
+  return np.clip(images, 0, 255).astype(np.uint8)
 
 
 def eval_resize_and_crop(image: np.ndarray, resolution: int, margin: int = 32) -> np.ndarray:
   """Eval transform: resize the whole image (aspect not kept) to (res + margin)^2, centre crop res.
 
   Returns float32 [resolution, resolution, 3], not clipped (bicubic overshoots are kept, as in the
-  reference). The crop offset is (margin + 1) // 2 on both axes.
+  reference). The crop offset is (margin + 1) // 2 on both axes; only the kept pixels are computed.
   """
   if resolution <= 0 or margin < 0:
     raise ValueError(f'Need resolution > 0 and margin >= 0, got {resolution} and {margin}.')
@@ -226,18 +186,24 @@ def eval_resize_and_crop(image: np.ndarray, resolution: int, margin: int = 32) -
     raise ValueError(f'Expected an HWC RGB image, got shape {image.shape}.')
   full = resolution + margin
   offset = (full - resolution + 1) // 2
-  rows = tf_bicubic_weights(image.shape[0], full)[offset:offset + resolution]
-  cols = tf_bicubic_weights(image.shape[1], full)[offset:offset + resolution]
-  # Only the kept rows/columns are computed: cropping the weight matrices is the same as cropping after.
-  pixels = image.astype(np.float32, copy=False).reshape(image.shape[0], -1)
-  resized_rows = (rows @ pixels).reshape(resolution, image.shape[1], 3)
-  return np.matmul(cols[None], resized_rows)
+  window = (offset, offset + resolution)
+  return bicubic.resize(image, full, full, rows=window, cols=window)
+
+
+def eval_image(image_bytes: bytes, resolution: int, margin: int = 32) -> np.ndarray:
+  """The reference's evaluation preprocessing of one encoded image: float32 [res, res, 3], normalised.
+
+  Decode (JPEG as TF does) -> TF bicubic resize to (res + margin)^2, unclipped -> centre crop with
+  offset (margin + 1) // 2 -> (x - mean) / std. Every evaluation path (the eval pipeline,
+  scripts/classify.py) goes through this function.
+  """
+  return normalize(eval_resize_and_crop(decode_image(image_bytes), resolution, margin))
 
 
 @functools.lru_cache(maxsize=16)
 def _row_statistics(repeats: int) -> Tuple[np.ndarray, np.ndarray]:
   """MEAN_RGB and 1 / STDDEV_RGB tiled `repeats` times, read-only (one image row of pixels)."""
-  mean, inv_stddev = np.tile(MEAN_RGB, repeats), np.tile(_INV_STDDEV_RGB, repeats)
+  mean, inv_stddev = np.tile(MEAN_RGB, repeats), np.tile(INV_STDDEV_RGB, repeats)
   mean.flags.writeable = inv_stddev.flags.writeable = False
   return mean, inv_stddev
 

@@ -1,24 +1,27 @@
 """grain input pipelines: resumable, host-sharded training batches and exact evaluation batches.
 
-Training: the whole split, shuffled (reshuffled every epoch) and repeated, is one global stream; global
-batch `s` is positions [s * B, (s + 1) * B), and each host decodes only its contiguous slice of every global
-batch -> per example: decode with random-resized crop, flip (and RandAugment when it runs before mixing)
--> batch -> per batch: MixUp/CutMix, RandAugment after mixing, normalise -> thread prefetch (optionally
-worker processes) -> reshape to [local_devices, per_device, ...].
+Training: the whole split, shuffled (reshuffled every epoch) and repeated, is one global stream of
+source examples, grouped into training examples: consecutive pairs with MixUp/CutMix (every crop used
+once, as the reference's 2B crops per B examples), single examples without. Global batch `s` is
+training examples [s * B, (s + 1) * B), and each host decodes only its contiguous slice of every
+global batch -> per training example: crops, mixing, uint8, RandAugment
+(`train_transform.TrainTransform`) -> batch -> thread prefetch (optionally worker processes) ->
+reshape to [local_devices, per_device, ...]. Training images leave as uint8; the train step
+normalises them on the device.
 
-The order and every per-example random choice (crop, flip, RandAugment) are functions of (seed, global
-position) alone, so the global batch of a step is the same whatever the number of hosts and devices; only
-MixUp/CutMix pair and draw within each host's slice. The returned iterator's state (a small JSON-able dict)
-restores it exactly, also through `grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
+The order and every random choice (crops, flips, mixing, RandAugment) are functions of (seed, global
+position of the training example) alone, so the global batch of a step is the same whatever the number
+of hosts and devices, given the per-device batch size (which decides where MixUp ends and CutMix starts
+in each device's batch). The returned iterator's state (a small JSON-able dict) restores it exactly,
+also through `grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
 
 Evaluation visits each example of this host's slice once, in order, then pads with masked
 zero examples so that every host yields the same number of full batches (`num_eval_batches`),
 which keeps multi-host collectives in step.
 
-Normalisation runs inside the parallel stages (prefetch threads or worker processes), so the
+All the work runs inside the parallel stages (prefetch threads or worker processes), so the
 consumer's thread only reshapes; prefetch buffers are bounded to one batch per thread.
 """
-import dataclasses
 import functools
 import math
 import os
@@ -29,13 +32,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from nfnets.data import mix
 from nfnets.data import ops_image
-from nfnets.data import randaugment
 from nfnets.data import sources
+from nfnets.data import train_transform
 from nfnets.errors import ConfigError
-
-MIX_MODES = ('mixup_cutmix', 'none')
 
 
 def host_batch_size(global_batch_size: int, process_count: int, local_device_count: int) -> int:
@@ -62,43 +62,33 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
   """An endless, resumable iterator of training batches for this host.
 
-  Yields {'images': float32 [local_devices, per_device, R, R, 3] normalised,
+  Yields {'images': uint8 [local_devices, per_device, R, R, 3] (not normalised),
   'labels': float32 [local_devices, per_device, num_classes] (mixed one-hot)}, R =
-  `data_config.train_resolution`. `get_state()`/`set_state()` (or grain.checkpoint) resume it
-  exactly; a state only fits an iterator built with the same config, seed and host layout.
+  `data_config.train_resolution`. With MixUp/CutMix each batch consumes twice as many source
+  examples as it holds. `get_state()`/`set_state()` (or grain.checkpoint) resume it exactly; a
+  state only fits an iterator built with the same config, seed and host layout.
   """
   process_index, process_count, local_device_count = _host_layout(
       process_index, process_count, local_device_count)
   per_host = host_batch_size(global_batch_size, process_count, local_device_count)
-  if data_config.mix not in MIX_MODES:
-    raise ConfigError(f'Unknown config.data.mix {data_config.mix!r}; use one of {MIX_MODES}.')
+  per_device = per_host // local_device_count
+  transform = train_transform.TrainTransform.from_config(
+      data_config, num_classes=num_classes, per_device=per_device)
   source = sources.get_source(data_config, data_config.train_split)
-  if len(source) < global_batch_size:
-    raise ConfigError(f'the training split holds {len(source)} examples, fewer than the global batch of '
-                      f'{global_batch_size}; use a smaller batch')
-  shuffle_seed, example_seed, batch_seed = _seeds(seed)
-  layers = data_config.randaugment_layers
-  augment_before_mix = layers > 0 and not data_config.randaugment_after_mix
-  augment_after_mix = layers > 0 and data_config.randaugment_after_mix
-  global_stream = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+  sources_per_batch = global_batch_size * transform.crops_per_example
+  if len(source) < sources_per_batch:
+    raise ConfigError(f'the training split holds {len(source)} examples, fewer than the '
+                      f'{sources_per_batch} a global batch of {global_batch_size} is made from; use a '
+                      'smaller batch')
+  shuffle_seed, example_seed = _seeds(seed)
+  training_examples = (
+      grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+      .batch(transform.crops_per_example, drop_remainder=True, batch_fn=tuple))
   dataset = (
-      _HostSliceOfGlobalBatches(global_stream, global_batch_size=global_batch_size, per_host=per_host,
-                                process_index=process_index)
-      .map(_CropFlipAugment(
-          seed=example_seed,
-          resolution=data_config.train_resolution,
-          area_range=(data_config.crop_min_area, 1.0),
-          flip=data_config.flip,
-          randaugment_layers=layers if augment_before_mix else 0,
-          randaugment_magnitude=data_config.randaugment_magnitude))
+      _HostSliceOfGlobalBatches(training_examples, global_batch_size=global_batch_size,
+                                per_host=per_host, process_index=process_index)
+      .map(_TrainExample(transform, seed=example_seed))
       .batch(per_host, drop_remainder=True)
-      .map(_MixAndAugmentBatch(
-          seed=batch_seed,
-          num_classes=num_classes,
-          mix=data_config.mix,
-          mixup_alpha=data_config.mixup_alpha,
-          randaugment_layers=layers if augment_after_mix else 0,
-          randaugment_magnitude=data_config.randaugment_magnitude))
   )
   return _finish(dataset, local_device_count, {'images': 'image', 'labels': 'targets'},
                  num_workers=data_config.get('num_workers', 0) or 0)
@@ -166,16 +156,17 @@ def _host_layout(process_index, process_count, local_device_count) -> tuple[int,
 
 
 def _seeds(seed: int) -> list[int]:
-  # Independent streams for order, per-example and per-batch randomness; grain wants plain non-negative ints.
-  return [int(s) for s in np.random.SeedSequence([seed]).generate_state(3)]
+  # Independent streams for the order and the per-example randomness; grain wants plain non-negative ints.
+  return [int(s) for s in np.random.SeedSequence([seed]).generate_state(2)]
 
 
 class _HostSliceOfGlobalBatches(grain.MapDataset):
   """This host's contiguous slice of every global batch of `parent` (a global, endless example stream).
 
   Local position k is global position (k // per_host) * global_batch_size + process_index * per_host
-  + k % per_host. Random maps after this stage are seeded by the local position, which
-  `_CropFlipAugment` does not use: it draws from the global position carried in the example.
+  + k % per_host; elements are {'sources': the parent's element, 'position': global position}. Random
+  maps after this stage would be seeded by the local position, so `_TrainExample` draws from the
+  global position instead.
   """
 
   def __init__(self, parent: grain.MapDataset, *, global_batch_size: int, per_host: int, process_index: int):
@@ -192,7 +183,7 @@ class _HostSliceOfGlobalBatches(grain.MapDataset):
       return self.slice(index)
     step, within = divmod(index, self._per_host)
     position = step * self._global_batch_size + self._offset + within
-    return {**self._parent[position], 'position': position}
+    return {'sources': self._parent[position], 'position': position}
 
   def __str__(self) -> str:
     return f'HostSliceOfGlobalBatches(per_host={self._per_host}, offset={self._offset})'
@@ -235,55 +226,18 @@ def _rng(seed: int, position: int) -> np.random.Generator:
   return np.random.default_rng([seed, int(position)])
 
 
-@dataclasses.dataclass
-class _CropFlipAugment(grain.transforms.Map):
-  """Encoded example -> uint8 training crop (and RandAugment when it precedes mixing)."""
-  seed: int
-  resolution: int
-  area_range: tuple[float, float]
-  flip: bool
-  randaugment_layers: int
-  randaugment_magnitude: float
+class _TrainExample(grain.transforms.Map):
+  """{'sources', 'position'} -> uint8 training image and soft target, random by global position."""
 
-  def map(self, example: dict[str, Any]) -> dict[str, Any]:
-    rng = _rng(self.seed, example['position'])
-    image = ops_image.decode_random_resized_crop(
-        example['image'], rng, self.resolution, area_range=self.area_range)
-    if self.flip:
-      image = ops_image.random_flip(image, rng)
-    if self.randaugment_layers:
-      image = randaugment.randaugment(
-          image, rng, self.randaugment_layers, self.randaugment_magnitude)
-    return {'image': image, 'label': np.int32(example['label']), 'position': np.int64(example['position'])}
+  def __init__(self, transform: train_transform.TrainTransform, *, seed: int):
+    self.transform = transform
+    self.seed = seed
 
-
-@dataclasses.dataclass
-class _MixAndAugmentBatch(grain.transforms.Map):
-  """uint8 batch with integer labels -> mixed, normalised float32 images and soft targets."""
-  seed: int
-  num_classes: int
-  mix: str
-  mixup_alpha: float
-  randaugment_layers: int
-  randaugment_magnitude: float
-
-  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    images, labels, positions = batch['image'], batch['label'], batch['position']
-    if np.any((labels < 0) | (labels >= self.num_classes)):
-      raise ValueError(f'Labels must lie in [0, {self.num_classes}); check num_classes against '
-                       'the dataset.')
-    if self.mix == 'mixup_cutmix':
-      images, targets = mix.mixup_cutmix(
-          images, labels, self.num_classes, _rng(self.seed, positions[0]), alpha=self.mixup_alpha)
-    else:
-      targets = np.eye(self.num_classes, dtype=np.float32)[labels]
-    if self.randaugment_layers:
-      images = np.stack([
-          randaugment.randaugment(image, _rng(self.seed, position), self.randaugment_layers,
-                                  self.randaugment_magnitude)
-          for image, position in zip(images, positions)])
-    return {'image': np.asarray(ops_image.normalize(images), np.float32),
-            'targets': np.asarray(targets, dtype=np.float32)}
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    position = element['position']
+    # Device batches are contiguous runs of per_device examples of the global stream.
+    return self.transform(element['sources'], position % self.transform.per_device,
+                          _rng(self.seed, position))
 
 
 class _EvalPreprocess(grain.transforms.Map):
@@ -297,9 +251,7 @@ class _EvalPreprocess(grain.transforms.Map):
     if _PADDING_KEY in example:
       return {'image': np.zeros((self.resolution, self.resolution, 3), np.float32),
               'label': np.int32(0), 'mask': np.float32(0.0)}
-    image = ops_image.eval_resize_and_crop(
-        ops_image.decode_image(example['image']), self.resolution, margin=self.margin)
-    return {'image': np.asarray(ops_image.normalize(image), np.float32),
+    return {'image': ops_image.eval_image(example['image'], self.resolution, self.margin),
             'label': np.int32(example['label']), 'mask': np.float32(1.0)}
 
 

@@ -1,27 +1,31 @@
 """RandAugment (Cubuk et al. 2019) with the reference's 16 ops and magnitude mappings, on Pillow.
 
-`randaugment(image, rng, num_layers, magnitude)` applies `num_layers` ops, each drawn uniformly from
-`OPS` and always applied, at the shared magnitude M (out of `MAX_LEVEL` = 10; larger M, e.g. the 15 of
-F3-F7, extrapolates every mapping linearly). Empty pixels of geometric ops and Cutout are filled with
-grey 128. Every magnitude -> argument rule lives in `LEVEL_TO_ARG`; the mappings and the op semantics
-follow the TensorFlow (tensorflow/tpu autoaugment) code the reference used:
+`randaugment(image, rng, num_layers, magnitude, semantics)` applies `num_layers` ops, each drawn
+uniformly from `OPS` and always applied, at the shared magnitude M (out of `MAX_LEVEL` = 10; larger M,
+e.g. the 15 of F3-F7, extrapolates every mapping linearly). Empty pixels of geometric ops and Cutout
+are filled with grey 128. Every magnitude -> argument rule lives in `LEVEL_TO_ARG`; the mappings and
+the op semantics follow the TensorFlow (tensorflow/tpu autoaugment) code the reference used.
 
-| op | argument at magnitude M | M = 0 | M = 10 |
+Two ops behaved in the reference's TensorFlow code, run on uint8 images, differently from what their
+names promise. `semantics='reference'` (the default, and what the paper's models were trained with)
+reproduces that; `'corrected'` does what the ops are meant to do:
+
+| op | argument at magnitude M | 'reference' | 'corrected' |
 |---|---|---|---|
-| AutoContrast, Equalize, Invert | none | - | - |
-| Rotate | 30 * M / 10 degrees, random sign | 0 | +-30 |
-| Posterize | keep int(4 * M / 10) high bits (at least 1, as TF clamps the shift to 7) | 1 bit | 4 bits |
-| Solarize | invert pixels >= int(256 * M / 10) | all inverted | none inverted |
-| SolarizeAdd | add int(110 * M / 10) to pixels < 128, clip | identity | +110 |
-| Color, Contrast, Brightness, Sharpness | blend factor 1.8 * M / 10 + 0.1 (1 = identity) | 0.1 | 1.9 |
-| ShearX, ShearY | 0.3 * M / 10, random sign | 0 | +-0.3 |
-| TranslateX, TranslateY | 100 * M / 10 pixels, random sign, NOT scaled by image size | 0 | +-100 px |
-| Cutout | grey square of half-side int(40 * M / 10) px, centre uniform, clipped | none | 80 px square |
+| AutoContrast, Equalize, Invert | none | same | same |
+| Rotate | 30 * M / 10 degrees, random sign | same | same |
+| Posterize | keep int(4 * M / 10) high bits (at least 1, as TF clamps the shift to 7) | same | same |
+| Solarize | threshold t = int(256 * M / 10); pixels >= t inverted | t cast to uint8 (t mod 256): M=5 and M=15 invert >= 128, M=10 inverts every pixel | t as is: M=10 and above invert nothing |
+| SolarizeAdd | add int(110 * M / 10) to pixels < 128, clip | same | same |
+| Color, Brightness, Sharpness | blend factor 1.8 * M / 10 + 0.1 (1 = identity) | same | same |
+| Contrast | blend factor as above, towards a grey level | (pixel count) / 256 clipped to 255, truncated: 144 at 192^2, 196 at 224^2, 255 from 256^2 up | the image's mean grey (Pillow) |
+| ShearX, ShearY | 0.3 * M / 10, random sign | same | same |
+| TranslateX, TranslateY | 100 * M / 10 pixels, random sign, NOT scaled by image size | same | same |
+| Cutout | grey square of half-side int(40 * M / 10) px, centre uniform, clipped | same | same |
 
 Geometric ops use nearest-neighbour sampling (the default of the TF ops the reference called).
-Enhance ops blend with Pillow's degenerate images (grey, mean grey, black, SMOOTH-filtered). Contrast
-blends towards the mean grey level as Pillow does; the reference's TF port blended towards
-(pixel count / 256) instead (a known slip in that port), which this module does not reproduce.
+Enhance ops blend with Pillow's degenerate images (grey, mean grey, black, SMOOTH-filtered); a blend
+truncates to uint8 as TF's does.
 """
 import functools
 from typing import Any, Callable, Dict, Tuple
@@ -33,6 +37,8 @@ MAX_LEVEL = 10.0
 FILL = (128, 128, 128)
 TRANSLATE_CONST = 100.0
 CUTOUT_CONST = 40.0
+
+SEMANTICS = ('reference', 'corrected')
 
 OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
        'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout',
@@ -153,6 +159,11 @@ def solarize(image, threshold, rng):
   return _lookup(image, _cached_table('solarize', threshold))
 
 
+def solarize_reference(image, threshold, rng):
+  # The reference compared uint8 pixels with the threshold cast to uint8, which wraps 256 to 0.
+  return _lookup(image, _cached_table('solarize', threshold % 256))
+
+
 def solarize_add(image, addition, rng):
   return _lookup(image, _cached_table('solarize_add', addition))
 
@@ -174,6 +185,14 @@ def contrast(image, factor, rng):
   mean = int(np.dot(image.convert('L').histogram(), np.arange(256)) / (image.width * image.height)
              + 0.5)
   return _blend(Image.new('RGB', image.size, (mean,) * 3), image, factor)
+
+
+def contrast_reference(image, factor, rng):
+  # The reference's TF op summed the grey histogram (the pixel count) and divided by 256 bins.
+  if factor == 1.0:
+    return image
+  grey = int(min(np.float32(image.width * image.height) / np.float32(256), 255))
+  return _blend(Image.new('RGB', image.size, (grey,) * 3), image, factor)
 
 
 def brightness(image, factor, rng):
@@ -235,7 +254,10 @@ OP_FUNCTIONS: Dict[str, Callable[[Image.Image, Any, np.random.Generator], Image.
     'TranslateX': translate_x, 'TranslateY': translate_y, 'Cutout': cutout,
     'SolarizeAdd': solarize_add,
 }
-assert set(OP_FUNCTIONS) == set(OPS) == set(LEVEL_TO_ARG)
+# The same ops with the reference's Solarize and Contrast (see the module docstring).
+REFERENCE_OP_FUNCTIONS = dict(OP_FUNCTIONS, Solarize=solarize_reference, Contrast=contrast_reference)
+_OP_FUNCTIONS = {'reference': REFERENCE_OP_FUNCTIONS, 'corrected': OP_FUNCTIONS}
+assert set(OP_FUNCTIONS) == set(REFERENCE_OP_FUNCTIONS) == set(OPS) == set(LEVEL_TO_ARG)
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -245,29 +267,35 @@ def _check_image(image: np.ndarray) -> None:
     raise ValueError(f'RandAugment needs a uint8 [H, W, 3] array, got {got}.')
 
 
-def _apply(image: Image.Image, name: str, magnitude: float, rng: np.random.Generator) -> Image.Image:
-  arg = LEVEL_TO_ARG[name](magnitude, rng)
-  return OP_FUNCTIONS[name](image, arg, rng)
+def _op_functions(semantics: str) -> Dict[str, Callable[[Image.Image, Any, np.random.Generator],
+                                                          Image.Image]]:
+  if semantics not in _OP_FUNCTIONS:
+    raise ValueError(f'Unknown RandAugment semantics {semantics!r}; use one of {SEMANTICS}.')
+  return _OP_FUNCTIONS[semantics]
 
 
-def apply_op(image: np.ndarray, name: str, magnitude: float,
-             rng: np.random.Generator) -> np.ndarray:
+def apply_op(image: np.ndarray, name: str, magnitude: float, rng: np.random.Generator,
+             semantics: str = 'reference') -> np.ndarray:
   """Applies the single op `name` at `magnitude` to a uint8 HWC image (for tests and tools)."""
   _check_image(image)
-  if name not in OP_FUNCTIONS:
+  functions = _op_functions(semantics)
+  if name not in functions:
     raise ValueError(f'Unknown RandAugment op {name!r}; choose one of {", ".join(OPS)}.')
-  return np.asarray(_apply(Image.fromarray(image), name, magnitude, rng))
+  arg = LEVEL_TO_ARG[name](magnitude, rng)
+  return np.asarray(functions[name](Image.fromarray(image), arg, rng))
 
 
-def randaugment(image: np.ndarray, rng: np.random.Generator, num_layers: int,
-                magnitude: float) -> np.ndarray:
+def randaugment(image: np.ndarray, rng: np.random.Generator, num_layers: int, magnitude: float,
+                semantics: str = 'reference') -> np.ndarray:
   """Applies `num_layers` ops drawn uniformly from `OPS` at `magnitude`; uint8 HWC in and out."""
   _check_image(image)
+  functions = _op_functions(semantics)
   if num_layers < 0 or magnitude < 0:
     raise ValueError(f'Need num_layers >= 0 and magnitude >= 0, got {num_layers} and {magnitude}.')
   if num_layers == 0:
     return image
   pil_image = Image.fromarray(image)
   for op_index in rng.integers(0, len(OPS), size=num_layers):
-    pil_image = _apply(pil_image, OPS[op_index], magnitude, rng)
+    name = OPS[op_index]
+    pil_image = functions[name](pil_image, LEVEL_TO_ARG[name](magnitude, rng), rng)
   return np.asarray(pil_image)
