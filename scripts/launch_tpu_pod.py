@@ -336,7 +336,8 @@ def _parse(argv: list[str]) -> str:
   except flags.Error as e:
     raise UsageError(f'bad command line: {e}') from e
   if len(positional) != 1 or positional[0] not in SUBCOMMAND_FLAGS:
-    raise UsageError(f'give one subcommand of {", ".join(SUBCOMMAND_FLAGS)} (got {" ".join(positional) or "none"})')
+    raise UsageError(f'give one subcommand of {", ".join(SUBCOMMAND_FLAGS)} '
+                     f'(got {" ".join(positional) or "none"})')
   subcommand = positional[0]
   for name in FLAGS:
     if FLAGS[name].present and name not in SUBCOMMAND_FLAGS[subcommand]:

@@ -71,12 +71,13 @@ def test_run_dry_run_prints_every_gcloud_command(accelerator_type, capsys):
 
 
 def test_spot_project_and_runtime_flags(capsys):
-  lines = _dry_run_lines(capsys, 'create', '--dry-run', '--name=nf-f1', f'--zone={ZONE}', '--accelerator-type=v5litepod-16',
-                         '--spot', '--project=my-proj')
+  # gcloud-style hyphens and absl-style underscores both work.
+  lines = _dry_run_lines(capsys, 'create', '--dry-run', '--name=nf-f1', f'--zone={ZONE}',
+                         '--accelerator-type=v5litepod-16', '--spot', '--project=my-proj')
   assert lines == [f'gcloud compute tpus tpu-vm create nf-f1 --zone={ZONE} --project=my-proj '
                    '--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite --spot']
-  lines = _dry_run_lines(capsys, 'create', '--dry_run', '--name=nf-f1', f'--zone={ZONE}', '--accelerator_type=v3-32',
-                         '--preemptible', '--runtime_version=tpu-vm-base')
+  lines = _dry_run_lines(capsys, 'create', '--dry_run', '--name=nf-f1', f'--zone={ZONE}',
+                         '--accelerator_type=v3-32', '--preemptible', '--runtime_version=tpu-vm-base')
   assert lines == [f'gcloud compute tpus tpu-vm create nf-f1 --zone={ZONE} --accelerator-type=v3-32 '
                    '--version=tpu-vm-base --preemptible']
 

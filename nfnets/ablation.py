@@ -1,0 +1,214 @@
+"""The AGC ablation: clipping mode x batch size x learning rate, one training run after another.
+
+Each run trains with `trainer.train_and_evaluate` in its own sub-workdir `<workdir>/<run name>` and, once
+it ends, leaves `result.json` there. Rerunning the sweep skips runs that have a result and resumes the
+others from their checkpoints, so an interrupted sweep picks up where it stopped. A run that diverges (the
+trainer stops after too many non-finite steps, or the final accuracy is at chance) is a result, not a
+crash. `write_tables` turns the results into `results.csv` and `results.md`.
+"""
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import ml_collections
+
+from nfnets import trainer
+
+MODES = ('none', 'global_norm', 'agc')
+RESULT_FILE = 'result.json'
+# A run whose final top-1 (raw and EMA) stays below this multiple of chance counts as diverged.
+CHANCE_MARGIN = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One point of the grid. `clipping` is AGC's lambda, global_norm's threshold, and 0 for 'none'."""
+  mode: str
+  clipping: float
+  batch_size: int
+  learning_rate: float   # the config's base learning rate (scaled by batch_size / reference_batch_size)
+
+  @property
+  def name(self) -> str:
+    return f'{self.mode}-lam{self.clipping:g}-bs{self.batch_size}-lr{self.learning_rate:g}'
+
+
+def make_grid(modes: Sequence[str], lambdas: Sequence[float], batch_sizes: Sequence[int],
+              learning_rates: Sequence[float], global_norm_threshold: float = 1.0) -> list[RunSpec]:
+  """Every (learning rate, batch size, mode[, lambda]) combination, AGC once per lambda; checks the input."""
+  unknown = [m for m in modes if m not in MODES]
+  if unknown:
+    raise ValueError(f'unknown clipping mode {unknown[0]!r}; use some of {", ".join(MODES)}')
+  for label, values in (('modes', modes), ('batch sizes', batch_sizes), ('learning rates', learning_rates)):
+    if not values:
+      raise ValueError(f'the grid needs at least one of {label}')
+    if len(set(values)) != len(values):
+      raise ValueError(f'{label} repeat a value: {", ".join(map(str, values))}')
+  if 'agc' in modes and not lambdas:
+    raise ValueError('mode agc needs at least one lambda (--lambdas)')
+  if len(set(lambdas)) != len(lambdas):
+    raise ValueError(f'lambdas repeat a value: {", ".join(map(str, lambdas))}')
+  for label, values in (('lambda', lambdas), ('batch size', batch_sizes), ('learning rate', learning_rates),
+                        ('global-norm threshold', [global_norm_threshold])):
+    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+    if bad:
+      raise ValueError(f'every {label} must be a positive number, got {bad[0]!r}')
+  if any(int(b) != b for b in batch_sizes):
+    raise ValueError(f'batch sizes must be whole numbers, got {", ".join(map(str, batch_sizes))}')
+  grid = []
+  for learning_rate in learning_rates:
+    for batch_size in batch_sizes:
+      for mode in modes:
+        clippings = {'agc': lambdas, 'global_norm': [global_norm_threshold], 'none': [0.0]}[mode]
+        grid.extend(RunSpec(mode, float(c), int(batch_size), float(learning_rate)) for c in clippings)
+  return grid
+
+
+def run_config(base: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
+  """`base` with the run's clipping, batch size and base learning rate."""
+  config = copy.deepcopy(base)
+  config.optimizer.clip_mode = spec.mode
+  if spec.mode != 'none':
+    config.optimizer.clipping = spec.clipping
+  config.train.batch_size = spec.batch_size
+  config.optimizer.base_learning_rate = spec.learning_rate
+  return config
+
+
+def read_metrics(run_dir: str) -> list[dict[str, float]]:
+  """The run's metrics.jsonl rows (empty if it has none yet)."""
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _training_summary(rows: list[dict[str, float]], batch_size: int) -> dict[str, Optional[float]]:
+  """Steps/s over the logged windows (compilation excluded by the trainer) and the last clipped fraction."""
+  windows = [r['train/images_per_sec'] for r in rows if r.get('train/images_per_sec', 0) > 0]
+  clipped = [r['train/agc_clipped_fraction'] for r in rows if 'train/agc_clipped_fraction' in r]
+  losses = [r['train/loss'] for r in rows if 'train/loss' in r]
+  return {
+      # Each window holds the same number of steps: the rate over all of them is the harmonic mean.
+      'steps_per_sec': len(windows) / sum(batch_size / w for w in windows) if windows else None,
+      'agc_clipped_fraction': clipped[-1] if clipped else None,
+      'final_train_loss': losses[-1] if losses else None,
+      'steps': rows[-1]['step'] if rows else 0,
+  }
+
+
+def _json_safe(value: Any) -> Any:
+  return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def run_one(config: ml_collections.ConfigDict, spec: RunSpec, run_dir: str,
+            train_fn: Callable[..., dict[str, float]] = trainer.train_and_evaluate) -> Optional[dict[str, Any]]:
+  """Trains one grid point (resuming its checkpoints) and records its result; None if it was preempted."""
+  started = time.time()
+  error = None
+  try:
+    final = train_fn(config, run_dir)
+  except trainer.TrainingError as e:
+    final, error = None, str(e).splitlines()[0]
+  if final == {}:
+    return None  # SIGTERM: checkpointed, to be resumed by the next sweep
+  chance = 1.0 / config.model.num_classes
+  summary = _training_summary(read_metrics(run_dir), spec.batch_size)
+  top1 = final['top1'] if final else None
+  ema_top1 = final['ema_top1'] if final else None
+  if error:
+    diverged, reason = True, error
+  elif max(top1, ema_top1) < CHANCE_MARGIN * chance:
+    diverged, reason = True, f'final top-1 {max(top1, ema_top1):.3f} near chance ({chance:.3f})'
+  else:
+    diverged, reason = False, ''
+  result = {
+      'name': spec.name, **dataclasses.asdict(spec),
+      'peak_learning_rate': spec.learning_rate * spec.batch_size / config.optimizer.reference_batch_size,
+      'top1': top1, 'ema_top1': ema_top1, 'diverged': diverged, 'reason': reason,
+      **{k: _json_safe(v) for k, v in summary.items()},
+      'wall_seconds': round(time.time() - started, 1),
+      'config': json.loads(config.to_json()),
+  }
+  temporary = os.path.join(run_dir, RESULT_FILE + '.tmp')
+  with open(temporary, 'w') as f:
+    json.dump(result, f, indent=2)
+  os.replace(temporary, os.path.join(run_dir, RESULT_FILE))  # a result is there whole or not at all
+  return result
+
+
+def finished_result(config: ml_collections.ConfigDict, run_dir: str) -> Optional[dict[str, Any]]:
+  """The recorded result of a finished run, None if there is none; refuses one made with another config."""
+  path = os.path.join(run_dir, RESULT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  if result['config'] != json.loads(config.to_json()):
+    raise ValueError(f'{run_dir} holds a finished run with a different config; use a new --workdir '
+                     '(or the same config and overrides as before)')
+  return result
+
+
+def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[RunSpec], workdir: str, *,
+              say: Callable[[str], None] = print,
+              train_fn: Callable[..., dict[str, float]] = trainer.train_and_evaluate) -> list[dict[str, Any]]:
+  """Runs the grid in order, skipping finished runs; rewrites the tables after each run.
+
+  Returns the results of all runs, or of those done before a preemption (SIGTERM) stopped the sweep.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  results = []
+  for index, spec in enumerate(grid, 1):
+    config = run_config(base, spec)
+    run_dir = os.path.join(workdir, spec.name)
+    result = finished_result(config, run_dir)
+    if result is not None:
+      say(f'[{index}/{len(grid)}] {spec.name}: finished before, skipped')
+    else:
+      say(f'[{index}/{len(grid)}] {spec.name}: training in {run_dir}')
+      result = run_one(config, spec, run_dir, train_fn)
+      if result is None:
+        say(f'stopped by SIGTERM; rerun the same command to resume at {spec.name}')
+        break
+    results.append(result)
+    write_tables(results, workdir)
+  return results
+
+
+CSV_COLUMNS = ('name', 'mode', 'clipping', 'batch_size', 'learning_rate', 'peak_learning_rate', 'top1',
+               'ema_top1', 'diverged', 'agc_clipped_fraction', 'final_train_loss', 'steps', 'steps_per_sec',
+               'wall_seconds', 'reason')
+
+
+def _percent(value: Optional[float]) -> str:
+  return '–' if value is None else f'{100 * value:.1f}'
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+  lines = ['| clipping | λ | batch | base lr (peak) | top-1 % | EMA top-1 % | diverged | clipped units % '
+           '| steps/s |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in results:
+    clipping = {'agc': f'{r["clipping"]:g}', 'global_norm': f'norm ≤ {r["clipping"]:g}'}.get(r['mode'], '–')
+    speed = '–' if r['steps_per_sec'] is None else f'{r["steps_per_sec"]:.1f}'
+    lines.append(f'| {r["mode"]} | {clipping} | {r["batch_size"]} | {r["learning_rate"]:g} '
+                 f'({r["peak_learning_rate"]:.3g}) | {_percent(r["top1"])} | {_percent(r["ema_top1"])} '
+                 f'| {"yes" if r["diverged"] else "no"} | {_percent(r["agc_clipped_fraction"])} | {speed} |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_tables(results: Sequence[dict[str, Any]], workdir: str) -> None:
+  """`results.csv` (every number) and `results.md` (the table for a README)."""
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(results)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(markdown_table(results))
