@@ -116,9 +116,11 @@ def run_gcloud(argv: list[str], capture: bool) -> Result:
   return Result(process.wait(), stderr=''.join(tail))
 
 
-def _last_line(text: str) -> str:
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  return lines[-1] if lines else '(no error output)'
+def _error_line(stderr: str) -> str:
+  """gcloud's `ERROR: (gcloud.<command>) <reason>` line (advice follows it), else the last line."""
+  lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith('ERROR:')]
+  return (errors or lines or ['(no error output)'])[-1]
 
 
 def pack_code(local_dir: str, destination: str) -> int:
@@ -159,7 +161,7 @@ class Launcher:
       if not_found_ok and 'NOT_FOUND' in result.stderr:
         return None
       raise LaunchError(f"step '{step}' failed: {argv[0]} exited {result.returncode}: "
-                        f'{_last_line(result.stderr)}')
+                        f'{_error_line(result.stderr)}')
     return result
 
   def create(self) -> None:

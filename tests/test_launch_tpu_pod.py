@@ -3,6 +3,7 @@ preemption watch with a fake gcloud, and one-line failures. Nothing here calls g
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,6 +103,25 @@ def test_setup_from_a_git_repository(capsys):
   assert _remote_script(lines[0]).startswith(
       "rm -rf nfnets && git clone --quiet 'https://example.com/me/nf nets.git' nfnets && "
       'git -C nfnets checkout --quiet v1.0 && ')
+
+
+@pytest.mark.skipif(shutil.which('gcloud') is None, reason='the Google Cloud CLI is not installed')
+def test_the_installed_gcloud_parses_every_command(tmp_path, capsys):
+  """gcloud checks its arguments before it authenticates: with an empty configuration (no account, no
+  metadata-server credentials, the TPU API pointed at a closed local port) every command must get as far
+  as asking for an account, i.e. past the argument parser. Nothing can reach Google Cloud."""
+  pod = ['--dry-run', '--name=nf-f0', f'--zone={ZONE}', '--project=nfnets-test']
+  queued = [*pod, '--queued', '--accelerator_type=v4-64', '--spot']
+  lines = [*_dry_run_lines(capsys, *_run_args('nf-f0', 'v4-32', '--spot', '--project=nfnets-test'))[:5],
+           *_dry_run_lines(capsys, 'create', *queued), _dry_run_lines(capsys, 'delete', *queued[:-2])[0],
+           _dry_run_lines(capsys, 'delete', *pod)[0]]
+  assert len(set(lines)) == 9
+  env = dict(os.environ, CLOUDSDK_CONFIG=str(tmp_path / 'gcloud'), CLOUDSDK_CORE_CHECK_GCE_METADATA='false',
+             CLOUDSDK_API_ENDPOINT_OVERRIDES_TPU='http://127.0.0.1:9/', CLOUDSDK_CORE_DISABLE_PROMPTS='1')
+  for line in lines:
+    result = subprocess.run(shlex.split(line), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert 'You do not currently have an active account selected' in result.stderr, (line, result.stderr)
 
 
 def _fake_worker(tmp_path, python_body):
