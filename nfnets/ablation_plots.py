@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # files only; no display needed
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from nfnets import ablation  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -57,6 +58,8 @@ def plot_top1_vs_lambda(results: Sequence[dict[str, Any]], path: str) -> None:
     chance = 100 / runs[0]['config']['model']['num_classes']
     ax.axhline(chance, color='grey', linestyle=':', linewidth=1, label='chance')
     ax.set_xscale('log')
+    ax.set_xticks(lambdas, [f'{lam:g}' for lam in lambdas])
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # log-scale minor labels collide over short ranges
     ax.set_xlabel('AGC λ (reference runs at the left edge)')
     ax.set_ylabel('final top-1 (%)')
     ax.set_ylim(-3, 103)
