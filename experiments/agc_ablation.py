@@ -10,25 +10,23 @@ Each run trains in `<workdir>/<mode>-lam<lambda>-bs<batch>-lr<base lr>` (for glo
 norm threshold); rerunning the same command skips finished runs and resumes the unfinished one. Writes
 results.csv, results.md, top1_vs_lambda.png and loss_curves.png into the workdir. Runs on one host.
 """
-import os
+import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
-from ml_collections import config_flags
 
 from experiments import common
 from nfnets import ablation
+from nfnets.errors import ConfigError
 
 # Without --config: the tiny preset, shortened to show within minutes on a CPU what the paper shows.
 # A --config.x=value on the command line still wins over these.
 DEFAULT_SETTINGS = {'train.epochs': 6.0, 'optimizer.warmup_epochs': 0.0, 'train.log_every_steps': 5}
-_defaults_to_apply = {}
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, f'Base config, as path:arg. Default: {common.DEFAULT_CONFIG} with '
-    f'{", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items())}', lock_config=True)
+_CONFIG = common.define_config_flag(
+    'Base config, as path:arg; without it tiny with '
+    f'{", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items())}.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/agc_ablation', 'One sub-workdir per run, the tables and plots.')
 _MODES = flags.DEFINE_list('modes', list(ablation.MODES), f'Clipping modes, of {", ".join(ablation.MODES)}.')
 _LAMBDAS = flags.DEFINE_list('lambdas', ['0.01', '0.04', '0.16'], 'AGC lambdas (clipping thresholds).')
@@ -42,31 +40,29 @@ def _numbers(flag: flags.FlagHolder, kind: type) -> list:
   try:
     return [kind(value) for value in flag.value]
   except ValueError as e:
-    raise ValueError(f'--{flag.name}: {", ".join(flag.value)} is not a list of numbers') from e
+    raise ConfigError(f'--{flag.name}: {", ".join(flag.value)} is not a list of numbers') from e
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """The training command's parser; without --config, the CPU default grid's settings are noted for main."""
-  if not any(arg == '--config' or arg.startswith('--config=') for arg in argv[1:]):
-    overridden = {arg[len('--config.'):].partition('=')[0] for arg in argv[1:] if arg.startswith('--config.')}
-    _defaults_to_apply.update({k: v for k, v in DEFAULT_SETTINGS.items() if k not in overridden})
-  return common.parse_flags(argv)
+def _default_settings() -> dict:
+  """DEFAULT_SETTINGS without --config, less any field the command line overrides itself."""
+  if common.config_given():
+    return {}
+  overridden = {arg[len('--config.'):].partition('=')[0] for arg in sys.argv[1:] if arg.startswith('--config.')}
+  return {k: v for k, v in DEFAULT_SETTINGS.items() if k not in overridden}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
-  if not jax.config.jax_compilation_cache_dir:
+  grid = ablation.make_grid(_MODES.value, _numbers(_LAMBDAS, float), _numbers(_BATCH_SIZES, int),
+                            _numbers(_LEARNING_RATES, float), _GLOBAL_NORM_THRESHOLD.value)
+  config = _CONFIG.value
+  config.update_from_flattened_dict(_default_settings())
+  if not jax.config.jax_compilation_cache_dir and '://' not in _WORKDIR.value:
     # Runs of one mode share their initialisation and every run its evaluation step, and a resumed sweep
     # its interrupted run's train step: keep compiled programs next to the runs.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(_WORKDIR.value, 'xla_cache'))
-  config = _CONFIG.value
-  config.update_from_flattened_dict(_defaults_to_apply)
-  with common.one_line_errors():
-    grid = ablation.make_grid(_MODES.value, _numbers(_LAMBDAS, float), _numbers(_BATCH_SIZES, int),
-                              _numbers(_LEARNING_RATES, float), _GLOBAL_NORM_THRESHOLD.value)
-    results = ablation.run_sweep(config, grid, _WORKDIR.value)
+    jax.config.update('jax_compilation_cache_dir', f'{_WORKDIR.value}/xla_cache')
+  results = ablation.run_sweep(config, grid, _WORKDIR.value)
   if len(results) == len(grid):
     from nfnets import ablation_plots  # pylint: disable=g-import-not-at-top  (matplotlib: only when plotting)
     for path in ablation_plots.write_plots(results, _WORKDIR.value):
@@ -75,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  common.run(main)

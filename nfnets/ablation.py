@@ -4,20 +4,25 @@ Each run trains with `trainer.train_and_evaluate` in its own sub-workdir `<workd
 it ends, leaves `result.json` there. Rerunning the sweep skips runs that have a result and resumes the
 others from their checkpoints, so an interrupted sweep picks up where it stopped. A run that diverges (the
 trainer stops after too many non-finite steps, or the final accuracy is at chance) is a result, not a
-crash. `write_tables` turns the results into `results.csv` and `results.md`.
+crash. `write_tables` turns the results into `results.csv` and `results.md`. The workdir may be local or
+remote (gs://): every path goes through `etils.epath`.
 """
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from etils import epath
 import ml_collections
 
+from nfnets import files
 from nfnets import trainer
+from nfnets.errors import ConfigError
+from nfnets.errors import TrainingError
 
 MODES = ('none', 'global_norm', 'agc')
 RESULT_FILE = 'result.json'
@@ -43,23 +48,23 @@ def make_grid(modes: Sequence[str], lambdas: Sequence[float], batch_sizes: Seque
   """Every (learning rate, batch size, mode[, lambda]) combination, AGC once per lambda; checks the input."""
   unknown = [m for m in modes if m not in MODES]
   if unknown:
-    raise ValueError(f'unknown clipping mode {unknown[0]!r}; use some of {", ".join(MODES)}')
+    raise ConfigError(f'unknown clipping mode {unknown[0]!r}; use some of {", ".join(MODES)}')
   for label, values in (('modes', modes), ('batch sizes', batch_sizes), ('learning rates', learning_rates)):
     if not values:
-      raise ValueError(f'the grid needs at least one of {label}')
+      raise ConfigError(f'the grid needs at least one of {label}')
     if len(set(values)) != len(values):
-      raise ValueError(f'{label} repeat a value: {", ".join(map(str, values))}')
+      raise ConfigError(f'{label} repeat a value: {", ".join(map(str, values))}')
   if 'agc' in modes and not lambdas:
-    raise ValueError('mode agc needs at least one lambda (--lambdas)')
+    raise ConfigError('mode agc needs at least one lambda (--lambdas)')
   if len(set(lambdas)) != len(lambdas):
-    raise ValueError(f'lambdas repeat a value: {", ".join(map(str, lambdas))}')
+    raise ConfigError(f'lambdas repeat a value: {", ".join(map(str, lambdas))}')
   for label, values in (('lambda', lambdas), ('batch size', batch_sizes), ('learning rate', learning_rates),
                         ('global-norm threshold', [global_norm_threshold])):
     bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
     if bad:
-      raise ValueError(f'every {label} must be a positive number, got {bad[0]!r}')
+      raise ConfigError(f'every {label} must be a positive number, got {bad[0]!r}')
   if any(int(b) != b for b in batch_sizes):
-    raise ValueError(f'batch sizes must be whole numbers, got {", ".join(map(str, batch_sizes))}')
+    raise ConfigError(f'batch sizes must be whole numbers, got {", ".join(map(str, batch_sizes))}')
   grid = []
   for learning_rate in learning_rates:
     for batch_size in batch_sizes:
@@ -80,13 +85,12 @@ def run_config(base: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections
   return config
 
 
-def read_metrics(run_dir: str) -> list[dict[str, float]]:
+def read_metrics(run_dir: str | epath.PathLike) -> list[dict[str, float]]:
   """The run's metrics.jsonl rows (empty if it has none yet)."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(run_dir) / 'metrics.jsonl'
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _training_summary(rows: list[dict[str, float]], batch_size: int) -> dict[str, Optional[float]]:
@@ -107,14 +111,15 @@ def _json_safe(value: Any) -> Any:
   return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def run_one(config: ml_collections.ConfigDict, spec: RunSpec, run_dir: str,
+def run_one(config: ml_collections.ConfigDict, spec: RunSpec, run_dir: str | epath.PathLike,
             train_fn: Callable[..., dict[str, float]] = trainer.train_and_evaluate) -> Optional[dict[str, Any]]:
   """Trains one grid point (resuming its checkpoints) and records its result; None if it was preempted."""
+  run_dir = epath.Path(run_dir)
   started = time.time()
   error = None
   try:
-    final = train_fn(config, run_dir)
-  except trainer.TrainingError as e:
+    final = train_fn(config, str(run_dir))
+  except TrainingError as e:
     final, error = None, str(e).splitlines()[0]
   if final == {}:
     return None  # SIGTERM: checkpointed, to be resumed by the next sweep
@@ -136,38 +141,36 @@ def run_one(config: ml_collections.ConfigDict, spec: RunSpec, run_dir: str,
       'wall_seconds': round(time.time() - started, 1),
       'config': json.loads(config.to_json()),
   }
-  temporary = os.path.join(run_dir, RESULT_FILE + '.tmp')
-  with open(temporary, 'w') as f:
-    json.dump(result, f, indent=2)
-  os.replace(temporary, os.path.join(run_dir, RESULT_FILE))  # a result is there whole or not at all
+  run_dir.mkdir(parents=True, exist_ok=True)
+  files.write_atomic(run_dir / RESULT_FILE, json.dumps(result, indent=2))  # whole or not at all
   return result
 
 
-def finished_result(config: ml_collections.ConfigDict, run_dir: str) -> Optional[dict[str, Any]]:
+def finished_result(config: ml_collections.ConfigDict, run_dir: str | epath.PathLike) -> Optional[dict[str, Any]]:
   """The recorded result of a finished run, None if there is none; refuses one made with another config."""
-  path = os.path.join(run_dir, RESULT_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(run_dir) / RESULT_FILE
+  if not path.exists():
     return None
-  with open(path) as f:
-    result = json.load(f)
+  result = json.loads(path.read_text())
   if result['config'] != json.loads(config.to_json()):
-    raise ValueError(f'{run_dir} holds a finished run with a different config; use a new --workdir '
-                     '(or the same config and overrides as before)')
+    raise ConfigError(f'{run_dir} holds a finished run with a different config; use a new --workdir '
+                      '(or the same config and overrides as before)')
   return result
 
 
-def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[RunSpec], workdir: str, *,
+def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[RunSpec], workdir: str | epath.PathLike, *,
               say: Callable[[str], None] = print,
               train_fn: Callable[..., dict[str, float]] = trainer.train_and_evaluate) -> list[dict[str, Any]]:
   """Runs the grid in order, skipping finished runs; rewrites the tables after each run.
 
   Returns the results of all runs, or of those done before a preemption (SIGTERM) stopped the sweep.
   """
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   results = []
   for index, spec in enumerate(grid, 1):
     config = run_config(base, spec)
-    run_dir = os.path.join(workdir, spec.name)
+    run_dir = workdir / spec.name
     result = finished_result(config, run_dir)
     if result is not None:
       say(f'[{index}/{len(grid)}] {spec.name}: finished before, skipped')
@@ -204,11 +207,11 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_tables(results: Sequence[dict[str, Any]], workdir: str) -> None:
+def write_tables(results: Sequence[dict[str, Any]], workdir: str | epath.PathLike) -> None:
   """`results.csv` (every number) and `results.md` (the table for a README)."""
-  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(results)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(markdown_table(results))
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction='ignore', lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(results)
+  files.write_atomic(epath.Path(workdir) / 'results.csv', text.getvalue())
+  files.write_atomic(epath.Path(workdir) / 'results.md', markdown_table(results))

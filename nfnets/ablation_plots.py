@@ -1,8 +1,10 @@
 """Plots of an AGC ablation sweep (`nfnets.ablation`), drawn with matplotlib's Agg backend into PNG files."""
 import collections
+import io
 import math
-import os
 from typing import Any, Sequence
+
+from etils import epath
 
 import matplotlib
 
@@ -27,7 +29,14 @@ def _top1(result: dict[str, Any]) -> float:
   return 100 * (result['top1'] or 0.0)
 
 
-def plot_top1_vs_lambda(results: Sequence[dict[str, Any]], path: str) -> None:
+def _save(figure, path: str | epath.PathLike) -> None:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=80)
+  plt.close(figure)
+  epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def plot_top1_vs_lambda(results: Sequence[dict[str, Any]], path: str | epath.PathLike) -> None:
   """Final top-1 against AGC's lambda (log scale), one line per batch size and one panel per learning rate.
 
   The unclipped and global-norm runs of each batch size are drawn as markers at the left edge, in the
@@ -67,11 +76,11 @@ def plot_top1_vs_lambda(results: Sequence[dict[str, Any]], path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc='best')
   figure.tight_layout()
-  figure.savefig(path, dpi=80)
-  plt.close(figure)
+  _save(figure, path)
 
 
-def plot_loss_curves(results: Sequence[dict[str, Any]], workdir: str, path: str) -> None:
+def plot_loss_curves(results: Sequence[dict[str, Any]], workdir: str | epath.PathLike,
+                     path: str | epath.PathLike) -> None:
   """Training loss against step from each run's metrics.jsonl, one panel per (learning rate, batch size)."""
   panels = collections.defaultdict(list)
   for r in results:
@@ -82,7 +91,7 @@ def plot_loss_curves(results: Sequence[dict[str, Any]], workdir: str, path: str)
   figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
   for ax, key in zip(axes.flat, keys):
     for r in panels[key]:
-      metrics = [m for m in ablation.read_metrics(os.path.join(workdir, r['name'])) if 'train/loss' in m]
+      metrics = [m for m in ablation.read_metrics(epath.Path(workdir) / r['name']) if 'train/loss' in m]
       # A non-finite loss is not drawn; a diverged run's line simply ends.
       steps = [m['step'] for m in metrics]
       losses = [m['train/loss'] if math.isfinite(m['train/loss']) else math.nan for m in metrics]
@@ -101,13 +110,12 @@ def plot_loss_curves(results: Sequence[dict[str, Any]], workdir: str, path: str)
   for ax in list(axes.flat)[len(keys):]:
     ax.set_visible(False)
   figure.tight_layout()
-  figure.savefig(path, dpi=80)
-  plt.close(figure)
+  _save(figure, path)
 
 
-def write_plots(results: Sequence[dict[str, Any]], workdir: str) -> list[str]:
+def write_plots(results: Sequence[dict[str, Any]], workdir: str | epath.PathLike) -> list[epath.Path]:
   """`top1_vs_lambda.png` and `loss_curves.png` in `workdir`; returns their paths."""
-  paths = [os.path.join(workdir, 'top1_vs_lambda.png'), os.path.join(workdir, 'loss_curves.png')]
+  paths = [epath.Path(workdir) / 'top1_vs_lambda.png', epath.Path(workdir) / 'loss_curves.png']
   plot_top1_vs_lambda(results, paths[0])
   plot_loss_curves(results, workdir, paths[1])
   return paths

@@ -10,7 +10,7 @@ import pytest
 
 from nfnets import ablation
 from nfnets import ablation_plots
-from nfnets import trainer
+from nfnets import errors
 from tests import tiny_setup
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,15 +19,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # rate, turns non-finite within a few steps.
 GRID = [ablation.RunSpec('agc', 0.04, tiny_setup.BATCH_SIZE, 2.0),
         ablation.RunSpec('none', 0.0, tiny_setup.BATCH_SIZE, 1e4)]
-# experiments.agc_ablation's flags for the same base config as tiny_setup.tiny_config().
-TINY_SETUP_OVERRIDES = [
-    '--config=configs/nfnet.py:tiny', '--config.model.drop_rate=0.0', '--config.model.stochdepth_rate=0.0',
-    f'--config.train.num_steps={tiny_setup.NUM_STEPS}',
-    f'--config.train.eval_batch_size={tiny_setup.EVAL_BATCH_SIZE}',
-    '--config.train.log_every_steps=5', '--config.train.checkpoint_every_steps=10',
-    '--config.optimizer.warmup_epochs=0.05']
-
-
 @pytest.fixture(scope='module')
 def sweep(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('ablation'))
@@ -69,8 +60,9 @@ def test_the_command_skips_finished_runs_and_writes_tables_and_plots(sweep):
     if os.path.exists(os.path.join(workdir, name)):
       os.remove(os.path.join(workdir, name))
   command = subprocess.run(
-      [sys.executable, '-m', 'experiments.agc_ablation', *TINY_SETUP_OVERRIDES, f'--workdir={workdir}',
-       '--modes=agc', '--lambdas=0.04', f'--batch_sizes={tiny_setup.BATCH_SIZE}', '--learning_rates=2'],
+      [sys.executable, '-m', 'experiments.agc_ablation', *tiny_setup.command_line_overrides(),
+       f'--workdir={workdir}', '--modes=agc', '--lambdas=0.04', f'--batch_sizes={tiny_setup.BATCH_SIZE}',
+       '--learning_rates=2'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert command.returncode == 0, command.stderr
   assert '[1/1] agc-lam0.04-bs32-lr2: finished before, skipped' in command.stdout
@@ -104,7 +96,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
   good = {'top1': 0.9, 'ema_top1': 0.91}
   calls = []
   # The third run is preempted (the trainer checkpoints and returns {}): the sweep stops there.
-  fake = _fake_trainer([good, trainer.TrainingError('10 consecutive non-finite losses'), {}], calls)
+  fake = _fake_trainer([good, errors.TrainingError('10 consecutive non-finite losses'), {}], calls)
   first = ablation.run_sweep(config, grid, str(tmp_path), train_fn=fake, say=lambda _: None)
   assert [r['diverged'] for r in first] == [False, True]
   assert first[1]['reason'].startswith('10 consecutive') and first[1]['top1'] is None
