@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+from etils import epath
 import pytest
 
 from nfnets import ablation
 from nfnets import ablation_plots
 from nfnets import errors
+from tests import fake_gcs
 from tests import tiny_setup
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,9 +78,11 @@ def _fake_trainer(outcomes, calls):
 
   def train(config, run_dir):
     calls.append(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': 10, 'train/loss': float('nan'), 'train/images_per_sec': 320.0}) + '\n')
+    metrics = epath.Path(run_dir) / 'metrics.jsonl'
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    before = metrics.read_text() if metrics.exists() else ''
+    metrics.write_text(before + json.dumps({'step': 10, 'train/loss': float('nan'), 'train/images_per_sec': 320.0,
+                                            'train/agc_clipped_fraction': 0.25}) + '\n')
     outcome = outcomes.pop(0)
     if isinstance(outcome, Exception):
       raise outcome
@@ -101,6 +105,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
   assert [r['diverged'] for r in first] == [False, True]
   assert first[1]['reason'].startswith('10 consecutive') and first[1]['top1'] is None
   assert first[0]['steps_per_sec'] == 10.0 and first[0]['final_train_loss'] is None
+  assert first[0]['agc_clipped_fraction'] == 0.25
   assert not os.path.exists(os.path.join(tmp_path, grid[2].name, ablation.RESULT_FILE))
   # The rerun trains from the interrupted run on; a final accuracy at chance counts as diverged.
   calls.clear()
@@ -115,6 +120,24 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
   config.seed = 1
   with pytest.raises(ValueError, match='different config'):
     ablation.run_sweep(config, grid, str(tmp_path), train_fn=_fake_trainer([], []), say=lambda _: None)
+
+
+def test_a_sweep_writes_its_results_tables_and_plots_to_cloud_storage(monkeypatch):
+  with fake_gcs.fake_gcs('sweeps') as env:
+    for name, value in env.items():
+      monkeypatch.setenv(name, value)
+    grid = ablation.make_grid(['none', 'agc'], [0.02], [32], [1.0])
+    fake = _fake_trainer([{'top1': 0.2, 'ema_top1': 0.3}, {'top1': 0.9, 'ema_top1': 0.9}], [])
+    results = ablation.run_sweep(tiny_setup.tiny_config(), grid, 'gs://sweeps/agc', train_fn=fake,
+                                 say=lambda _: None)
+    ablation_plots.write_plots(results, 'gs://sweeps/agc')
+    assert sorted(fake_gcs.list_objects(env, 'sweeps')) == sorted(
+        ['agc/results.csv', 'agc/results.md', 'agc/top1_vs_lambda.png', 'agc/loss_curves.png'] +
+        [f'agc/{spec.name}/{name}' for spec in grid for name in ('metrics.jsonl', ablation.RESULT_FILE)])
+    # Resuming from the bucket skips both runs.
+    again = ablation.run_sweep(tiny_setup.tiny_config(), grid, 'gs://sweeps/agc', train_fn=_fake_trainer([], []),
+                               say=lambda _: None)
+    assert again == results
 
 
 @pytest.mark.parametrize('grid, message', [
