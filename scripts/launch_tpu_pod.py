@@ -143,7 +143,7 @@ class Launcher:
   """The subcommands, over a command runner that tests replace by a fake."""
 
   def __init__(self, pod: tpu_pod.Pod, *, runner: Runner = run_gcloud, dry_run: bool = False,
-               sleep: Callable[[float], None] = time.sleep, say: Callable[[str], None] = None):
+               sleep: Callable[[float], None] = time.sleep, say: Optional[Callable[[str], None]] = None):
     self.pod = pod
     self._runner = runner
     self._dry_run = dry_run
