@@ -9,6 +9,8 @@ The paper's update order for each step, all on float32 gradients already average
      warmup from 0 over `warmup_epochs` then cosine decay to 0 at `total_steps`.
 
 'adamw' (for fine-tuning) replaces 2-4 by optax.adamw with the same schedule and the same decay mask.
+With `trainable_module` (fine-tuning with a frozen backbone) the chain sees only that module's parameters;
+every other parameter gets an update of exactly zero and keeps no optimiser state.
 
 Sharpness-aware minimisation (`sam_rho > 0`) wraps the chain with optax.contrib.sam in opaque mode (one
 ascent step, sync_period 2). The train step must then hand `update` a gradient function:
@@ -114,8 +116,23 @@ def _normalize_globally() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def only_module(optimizer: optax.GradientTransformation, module: str) -> optax.GradientTransformationExtraArgs:
+  """`optimizer` applied to the parameters of Haiku module `module` alone; all others get zero updates.
+
+  Zero updates leave a weight bitwise unchanged (w + 0 == w), and the frozen weights hold no optimiser
+  state, so a frozen backbone costs no momentum or Adam memory.
+  """
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'trained' if agc.param_path(path)[0] == module else 'frozen', params)
+
+  return optax.multi_transform({'trained': optimizer, 'frozen': optax.set_to_zero()}, labels)
+
+
 def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: int, examples_per_epoch: int,
-                    total_steps: int, classifier_module: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+                    total_steps: int, classifier_module: Optional[str] = None,
+                    trainable_module: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
   """The paper's chain (see the module docstring), every number from `optimizer_config` (config.optimizer).
 
   Args:
@@ -125,6 +142,8 @@ def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: 
     examples_per_epoch: the training split's size, for the warmup length.
     total_steps: optimizer steps in the whole run; the cosine reaches 0 there.
     classifier_module: the model's final classifier (from the model registry), whose weight AGC leaves alone.
+    trainable_module: None trains every parameter; a Haiku module name (the classifier, for fine-tuning
+      with a frozen backbone) trains that module's parameters only (see `only_module`).
 
   Returns:
     The optimizer. With sam_rho > 0 its update needs `grad_fn=` (see `needs_grad_fn`).
@@ -151,6 +170,8 @@ def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: 
         optax.adamw(schedule, b1=optimizer_config.adam_b1, b2=optimizer_config.adam_b2,
                     weight_decay=optimizer_config.weight_decay, mask=weight_decay_mask),
     )
+  if trainable_module is not None:
+    chain = only_module(chain, trainable_module)
   if not needs_grad_fn(optimizer_config):
     return chain
   ascent = optax.chain(_normalize_globally(), optax.sgd(optimizer_config.sam_rho))
@@ -175,7 +196,13 @@ def update_ema(ema_params: Any, params: Any, step: Any, decay: float) -> Any:
   """ema <- d * ema + (1 - d) * params with d = ema_decay_at(step, decay), in float32.
 
   `step` is the number of updates applied before this one (the step counter before incrementing).
+  Computed as ema + (1 - d) * (params - ema): the same average, but a weight equal to its average (a frozen
+  one) stays bitwise equal; d * w + (1 - d) * w rounds away from w for a few percent of float32 values.
   """
   d = ema_decay_at(step, decay)
-  return jax.tree.map(
-      lambda e, p: d * e.astype(jnp.float32) + (1.0 - d) * p.astype(jnp.float32), ema_params, params)
+
+  def update(e, p):
+    e = e.astype(jnp.float32)
+    return e + (1.0 - d) * (p.astype(jnp.float32) - e)
+
+  return jax.tree.map(update, ema_params, params)

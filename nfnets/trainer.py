@@ -49,8 +49,11 @@ def setup_training(config: ml_collections.ConfigDict, num_train_examples: int) -
   forward = models.make_forward(config.model, config.precision.compute_dtype)
   schedule_args = dict(batch_size=config.train.batch_size, examples_per_epoch=num_train_examples,
                        total_steps=total_steps)
-  optimizer = optim.build_optimizer(config.optimizer, **schedule_args,
-                                    classifier_module=models.get_family(config.model.name).classifier_module)
+  # Fine-tuning with a frozen backbone (configs/finetune.py) trains the family's classifier alone.
+  classifier = models.get_family(config.model.name).classifier_module
+  frozen = config.get('finetune') is not None and config.finetune.freeze_backbone
+  optimizer = optim.build_optimizer(config.optimizer, **schedule_args, classifier_module=classifier,
+                                    trainable_module=classifier if frozen else None)
   learning_rate_fn = optim.learning_rate_schedule(config.optimizer, **schedule_args)
   step = train_step_lib.make_train_step(forward, optimizer, learning_rate_fn,
                                         label_smoothing=config.loss.label_smoothing,

@@ -281,3 +281,38 @@ def test_agc_leaves_the_registry_classifier_unclipped():
   np.testing.assert_array_equal(updates['Net/~/head']['w'], grads['Net/~/head']['w'])  # the classifier weight
   assert np.all(np.abs(updates['Net/~/head']['b']) < np.abs(grads['Net/~/head']['b']))  # its bias is clipped
   assert np.all(np.abs(updates['Net/~/linear']['w']) < 100.0)  # not the classifier here: clipped
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_trainable_module_alone_steps_as_in_the_full_chain_and_the_rest_stays_bitwise(name):
+  config = optimizer_config(name=name, warmup_epochs=0, weight_decay=1e-2)  # AGC, decay and momentum all act
+  params = small_params()
+  rng = np.random.default_rng(4)
+  grads = [random_grads(rng, params) for _ in range(3)]
+  sizes = dict(batch_size=256, examples_per_epoch=2560, total_steps=100)
+  classifier = 'NFNet/~/linear'
+  frozen_backbone = optim.build_optimizer(config, **sizes, trainable_module=classifier)
+  trained, _ = run_optimizer(frozen_backbone, params, grads)
+  everything, _ = run_optimizer(optim.build_optimizer(config, **sizes), params, grads)
+  for module, leaves in params.items():
+    for leaf, value in leaves.items():
+      if module == classifier:
+        # Every link of the chain works leaf by leaf, so the classifier moves as in the unfrozen run.
+        np.testing.assert_allclose(trained[module][leaf], everything[module][leaf], rtol=1e-6)
+        assert not np.array_equal(trained[module][leaf], value)
+      else:
+        np.testing.assert_array_equal(trained[module][leaf], value)
+  # The frozen weights keep no optimiser state (no momentum, no Adam moments).
+  state_size = sum(np.size(x) for x in jax.tree.leaves(frozen_backbone.init(params)))
+  classifier_size = sum(np.size(x) for x in params[classifier].values())
+  assert state_size <= 2 * classifier_size + 8
+
+
+def test_ema_of_an_unchanged_weight_stays_bitwise_equal():
+  params = nfnet_params(seed=3)
+  ema = params
+  update = jax.jit(optim.update_ema, static_argnums=3)
+  for step in range(12):  # the decay ramps through values where d * w + (1 - d) * w != w
+    ema = update(ema, params, jnp.int32(step), 0.999)
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)

@@ -155,6 +155,18 @@ def test_imagenet_default_dir_and_info(monkeypatch, tmp_path):
   assert info.num_examples['validation'] == 50_000
 
 
+def test_any_tfds_dataset_prepared_as_array_record_is_read_by_name(digits_dir, tmp_path):
+  config = _data_config(f'tfds:{digits.DATASET_NAME}', digits_dir)
+  assert sources.dataset_info(config) == sources.DatasetInfo(10, {'train': 1437, 'test': 360})
+  source = sources.get_source(config, 'test[:7]')
+  assert len(source) == 7
+  assert source[3] == sources.get_source(_data_config('digits', digits_dir), 'test')[3]
+  with pytest.raises(sources.DataNotFoundError, match='tfds build oxford_flowers102 .*--file_format=array_record'):
+    sources.get_source(_data_config('tfds:oxford_flowers102', str(tmp_path)), 'train')
+  with pytest.raises(ValueError, match='Unknown dataset'):
+    sources.dataset_info(_data_config('tfds:'))
+
+
 def test_unknown_dataset_and_split_are_rejected():
   with pytest.raises(ValueError, match='Unknown dataset'):
     sources.get_source(_data_config('cifar10'), 'train')

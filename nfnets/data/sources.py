@@ -1,4 +1,5 @@
-"""Random-access data sources: ImageNet (TFDS array_record), bundled digits, synthetic images.
+"""Random-access data sources: ImageNet (TFDS array_record), bundled digits, synthetic images, and any other
+TFDS image-classification dataset prepared as array_record (`config.data.name='tfds:NAME'`).
 
 Every source is a sequence (`len`, `[index]`) of `{'image': encoded image bytes, 'label': int}`.
 Images stay encoded so that the training pipeline can crop before it decodes, and so that all
@@ -28,6 +29,9 @@ SYNTHETIC_NUM_EXAMPLES = {'train': 1024, 'validation': 256, 'test': 256}
 _SYNTHETIC_SPLIT_STREAMS = {'train': 0, 'validation': 1, 'test': 2}
 
 DATASET_NAMES = ('imagenet2012', 'digits', 'synthetic')
+# 'tfds:oxford_flowers102' names any TFDS dataset with an 'image' and a class 'label' feature, prepared in
+# array_record format (`tfds build oxford_flowers102 --file_format=array_record`).
+TFDS_PREFIX = 'tfds:'
 
 
 class DatasetInfo(NamedTuple):
@@ -39,6 +43,8 @@ class DatasetInfo(NamedTuple):
 def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   """Number of classes and examples per canonical split of `data_config.name`."""
   name = _checked_name(data_config)
+  if name.startswith(TFDS_PREFIX):
+    return _tfds_info(name[len(TFDS_PREFIX):], _tfds_data_dir(data_config))
   if name == 'imagenet2012':
     return DatasetInfo(IMAGENET_NUM_CLASSES, dict(IMAGENET_NUM_EXAMPLES))
   if name == 'digits':
@@ -68,6 +74,10 @@ def get_source(data_config: ml_collections.ConfigDict, split: str) -> Sequence[d
   if name == 'digits':
     data_dir = digits.prepare(data_dir)
     return _tfds_source(digits.DATASET_NAME, split, data_dir)
+  if name.startswith(TFDS_PREFIX):
+    tfds_name, data_dir = name[len(TFDS_PREFIX):], _tfds_data_dir(data_config)
+    _tfds_info(tfds_name, data_dir)  # the features must be an image and a class label
+    return _tfds_source(tfds_name, split, data_dir)
   data_dir = os.path.expanduser(data_dir or imagenet_default_data_dir())
   _require_array_record(IMAGENET_NAME, data_dir)
   return _tfds_source(IMAGENET_NAME, split, data_dir)
@@ -81,16 +91,36 @@ def imagenet_default_data_dir() -> str:
 
 def _checked_name(data_config: ml_collections.ConfigDict) -> str:
   name = data_config.name
-  if name not in DATASET_NAMES:
-    raise ConfigError(f'Unknown dataset {name!r} in config.data.name; use one of {DATASET_NAMES}.')
+  if name not in DATASET_NAMES and not (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)):
+    raise ConfigError(f'Unknown dataset {name!r} in config.data.name; use one of {DATASET_NAMES}, or '
+                      f'{TFDS_PREFIX}NAME for a TFDS dataset prepared as array_record.')
   return name
 
 
-def _require_array_record(tfds_name: str, data_dir: str) -> None:
+def _tfds_data_dir(data_config: ml_collections.ConfigDict) -> str:
+  return os.path.expanduser(data_config.get('data_dir') or imagenet_default_data_dir())
+
+
+def _tfds_info(tfds_name: str, data_dir: str) -> DatasetInfo:
+  """Classes and split sizes of a prepared TFDS dataset, read from its dataset_info.json."""
+  import tensorflow_datasets as tfds  # Deferred: the synthetic source does without it.
+  version_dir = _require_array_record(tfds_name, data_dir, prepare_hint=(
+      f'prepare it with `tfds build {tfds_name} --data_dir {data_dir} --file_format=array_record`'))
+  info = tfds.builder_from_directory(str(version_dir)).info
+  names = set(info.features.keys())
+  label = info.features['label'] if {'image', 'label'} <= names else None
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise ConfigError(f'{tfds_name} under {version_dir} is not an image classification dataset: it needs an '
+                      f"'image' feature and a class 'label' feature, it has {sorted(names)}")
+  return DatasetInfo(label.num_classes, {k: v.num_examples for k, v in info.splits.items()})
+
+
+def _require_array_record(tfds_name: str, data_dir: str, prepare_hint: str | None = None) -> epath.Path:
+  """The newest prepared version directory of `tfds_name` under `data_dir`, which must hold array_record files."""
   # epath, not glob: data_dir may be a bucket (gs://...) on cloud hosts.
   versions = sorted(str(p) for p in (epath.Path(data_dir) / tfds_name).glob('*/dataset_info.json'))
-  prepare_hint = (f'prepare it once with `python -m scripts.prepare_imagenet '
-                  f'--manual_dir DIR_WITH_ILSVRC2012_TARS --data_dir {data_dir}`')
+  prepare_hint = prepare_hint or (f'prepare it once with `python -m scripts.prepare_imagenet '
+                                  f'--manual_dir DIR_WITH_ILSVRC2012_TARS --data_dir {data_dir}`')
   if not versions:
     raise DataNotFoundError(
         f'{tfds_name} not found under {data_dir} (set config.data.data_dir or $TFDS_DATA_DIR); '
@@ -100,6 +130,7 @@ def _require_array_record(tfds_name: str, data_dir: str) -> None:
     raise DataNotFoundError(
         f'{tfds_name} under {version_dir} has no array_record files (prepared as TFRecord?); '
         f'{prepare_hint}.')
+  return version_dir
 
 
 def _tfds_source(tfds_name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]:

@@ -1,0 +1,111 @@
+"""Signal propagation at initialisation: the library (nfnets/signal_propagation.py) and the command."""
+import csv
+import os
+import subprocess
+import sys
+
+import haiku as hk
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import nfnet as nfnet_configs
+from nfnets import models
+from nfnets import signal_propagation
+from nfnets.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPTHS = (1, 3, 1, 1)   # blocks 1-3 share a stage: 2 and 3 are not transitions
+WITHIN_STAGE = (2, 3)
+
+
+def _tiny_model(**changes):
+  return dict(nfnet_configs.get_config('tiny').model.to_dict(), depths=DEPTHS, **changes)
+
+
+def test_block_statistics_on_digits_in_block_order_with_and_without_skip_gains():
+  data = ml_collections.ConfigDict(dict(name='digits', data_dir=None))
+  images = signal_propagation.eval_images(data, 'test', 8, 32, 0)
+  assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
+  assert abs(float(images.mean())) < 3 and 0.1 < float(images.std()) < 3  # normalised, not raw pixels
+  blocks, values, gains_set = signal_propagation.block_statistics(_tiny_model(), images)
+  assert blocks == ['NFNet/~/nf_block'] + [f'NFNet/~/nf_block_{i}' for i in range(1, 6)] and gains_set == 0
+  assert all(np.all(np.isfinite(v)) and v.shape == (6,) for v in values.values())
+  # At initialisation skip gains are 0: a block that is not a transition passes its input on unchanged.
+  for i in WITHIN_STAGE:
+    assert values['avg_var'][i] == pytest.approx(values['avg_var'][i - 1], rel=1e-5)
+  assert np.all(values['res_avg_var'] > 0)
+  _, with_gains, gains_set = signal_propagation.block_statistics(_tiny_model(), images, skip_gain=1.0)
+  assert gains_set == 6 and with_gains['avg_var'][3] > with_gains['avg_var'][1]
+
+
+def test_block_order_compares_numbers_as_numbers():
+  names = ['NFNet/~/nf_block_10', 'NFNet/~/nf_block_2', 'NFNet/~/nf_block', 'NFNet/~/nf_block_1']
+  assert sorted(names, key=signal_propagation.block_order) == [
+      'NFNet/~/nf_block', 'NFNet/~/nf_block_1', 'NFNet/~/nf_block_2', 'NFNet/~/nf_block_10']
+
+
+class _LogitsOnly(hk.Module):
+  """A registered model that reports no signal propagation."""
+
+  def __init__(self, num_classes, variant, name=None):
+    super().__init__(name=name)
+    self.num_classes = num_classes
+
+  def __call__(self, x, is_training):
+    return hk.Linear(self.num_classes)(x.mean(axis=(1, 2)))
+
+
+def test_a_model_without_the_metrics_is_refused_in_one_line(monkeypatch):
+  family = models.ModelFamily(
+      name='logits_only', module=_LogitsOnly, variants={'A': {}}, classifier_module='logits_only/~/linear',
+      default_model_config=lambda v: ml_collections.ConfigDict(dict(name='logits_only', variant=v, num_classes=3)))
+  monkeypatch.setitem(models._FAMILIES, family.name, family)  # pylint: disable=protected-access
+  with pytest.raises(UserError, match='logits_only models report no signal_propagation metrics'):
+    signal_propagation.block_statistics(models.model_config('logits_only', 'A'), np.zeros((2, 8, 8, 3), np.float32))
+
+
+def _within_stage_growth(rows, label):
+  avg_var = {int(r['block_index']): float(r['avg_var']) for r in rows if r['model'] == label}
+  res_var = {int(r['block_index']): float(r['res_avg_var']) for r in rows if r['model'] == label}
+  return (sum(avg_var[i] - avg_var[i - 1] for i in WITHIN_STAGE), sum(res_var[i] for i in WITHIN_STAGE))
+
+
+def test_command_draws_two_configs_side_by_side(tmp_path):
+  out = tmp_path / 'plots' / 'spp.png'
+  depths = f'--config.model.depths={DEPTHS}'.replace(' ', '')
+  result = subprocess.run(
+      [sys.executable, '-m', 'scripts.signal_propagation', '--config', 'configs/nfnet.py:tiny', depths,
+       '--compare', 'configs/nfnet.py:tiny', depths.replace('--config', '--compare'), '--compare.model.alpha=0.5',
+       '--skip_gain=1', '--images=gaussian', '--num_images=16', '--out', str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('tiny (alpha=0.2): 6 blocks, 16 images at 32², 6 skip gains set to 1;')
+  assert lines[1].startswith('tiny (alpha=0.5): 6 blocks, 16 images at 32², 6 skip gains set to 1;')
+  assert out.read_bytes().startswith(b'\x89PNG\r\n\x1a\n') and out.stat().st_size > 20_000
+  with open(out.with_suffix('.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['model'], r['block_index']) for r in rows] == [
+      (label, str(i)) for label in ('tiny (alpha=0.2)', 'tiny (alpha=0.5)') for i in range(6)]
+  # With skip gains at 1, each block inside a stage adds alpha^2 times its residual branch's variance
+  # (up to the residual's chance correlation with its input in a narrow random network).
+  growth = {}
+  for label, alpha in (('tiny (alpha=0.2)', 0.2), ('tiny (alpha=0.5)', 0.5)):
+    growth[alpha], residual = _within_stage_growth(rows, label)
+    assert 0.5 < growth[alpha] / (alpha**2 * residual) < 2, (label, growth[alpha], residual)
+  assert growth[0.5] > 3 * growth[0.2]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--variant', 'F1', '--config', 'configs/nfnet.py:tiny'], 'error: give --variant or --config, not both'),
+    (['--compare', 'configs/nfnet.py:tiny', '--compare.model.alphaa=1'], "no config field 'alphaa'"),
+    (['--variant', 'F1', '--out', 'spp.jpg'], 'error: --out must name a .png file'),
+])
+def test_bad_command_lines_fail_with_one_line(args, message, tmp_path):
+  if '--out' not in args:
+    args = args + ['--out', str(tmp_path / 'spp.png')]
+  result = subprocess.run([sys.executable, '-m', 'scripts.signal_propagation', *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and message in result.stderr and result.stderr.count('\n') == 1, result.stderr
+  assert not list(tmp_path.iterdir())
