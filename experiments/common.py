@@ -22,18 +22,19 @@ from nfnets.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, 'configs', 'nfnet.py') + ':tiny'
-_GIVEN = {'config': False, 'overrides': False}
+_GIVEN = {'config': False, 'overrides': False, 'default': DEFAULT_CONFIG}
 
 
-def define_config_flag(help_text: str = 'Experiment config, as path:arg.') -> flags.FlagHolder:
-  """`--config path:arg`, default `configs/nfnet.py:tiny`; `--config.x=value` overrides any field.
+def define_config_flag(help_text: str = 'Experiment config, as path:arg.',
+                       default: str = DEFAULT_CONFIG) -> flags.FlagHolder:
+  """`--config path:arg` (default `configs/nfnet.py:tiny`); `--config.x=value` overrides any field.
 
   Idempotent, so that several commands' modules can be imported into one process (as the tests do).
   """
+  _GIVEN['default'] = default
   if 'config' in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS['config'])
-  return config_flags.DEFINE_config_file('config', None, f'{help_text} Default: {DEFAULT_CONFIG}',
-                                         lock_config=True)
+  return config_flags.DEFINE_config_file('config', None, f'{help_text} Default: {default}', lock_config=True)
 
 
 def define_distributed_flags() -> None:
@@ -64,14 +65,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   if 'config' in flags.FLAGS and not _GIVEN['config']:
     # The flag has no default of its own: ml_collections would load a default, and apply the command
     # line's overrides to it, while the flag is being defined, outside any error handling.
-    argv = [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
+    argv = [argv[0], f'--config={_GIVEN["default"]}', *argv[1:]]
   try:
     remaining = flags.FLAGS(argv)
     # ml_collections applies --config.x overrides when the config is first read: read it here.
     if 'config' in flags.FLAGS:
-      flags.FLAGS['config'].value  # pylint: disable=pointless-statement
+      # A config file that failed to load is only reported when the config is first used: use it here.
+      flags.FLAGS['config'].value.keys()
     return remaining
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     text = str(e)
     if len(text) > 1 and text[0] == text[-1] == "'":  # ml_collections wraps a repr in its message
       text = text[1:-1].replace("\\'", "'").replace('\\n', '\n')

@@ -2,6 +2,9 @@
 
   python -m scripts.benchmark input --config configs/nfnet.py:F0 [--num_images 256] [--seconds 10]
 
+The config comes through the shared command-line layer (`--config path:arg`, `--config.data.x=value`
+overrides; default configs/nfnet.py:F0); the benchmark reads its `data` section.
+
 `input` times the full training transform of `nfnets.data` (the reference's: per example two crops
 decoded at full resolution, random-resized crop, flip, TF bicubic resize to float32, MixUp/CutMix of
 the pair, clip to uint8, RandAugment; the uint8 result is what the pipeline hands to the device) on a
@@ -16,9 +19,7 @@ The JPEGs are made from the two photos shipped with scikit-learn (china.jpg, flo
 random crop (aspect 0.6-1.7, 35-100 % of the area) resized to a long side of 300-500 px (80 %) or
 500-900 px (20 %), saved at JPEG quality 70-95, roughly ImageNet's spread of sizes and qualities.
 """
-import argparse
 import concurrent.futures
-import importlib.util
 import io
 import json
 import multiprocessing
@@ -26,10 +27,16 @@ import os
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable, Dict, List, Sequence
 
+from absl import flags
+import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from experiments import common
+from nfnets.errors import ConfigError
 
 from nfnets.data import mix
 from nfnets.data import train_transform
@@ -39,30 +46,9 @@ DEFAULT_INPUT_SETTINGS = dict(train_resolution=192, randaugment_layers=4, randau
 NUM_CLASSES = 1000
 
 
-def load_config(spec: str):
-  """Loads `path[:arg]` (ml_collections config_flags style): the module's get_config(arg)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(path)
-  module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def input_settings(spec: str) -> Dict[str, Any]:
-  """The data settings the input benchmark needs, from the config or the F0 defaults."""
-  settings = dict(DEFAULT_INPUT_SETTINGS)
-  try:
-    config = load_config(spec)
-  except FileNotFoundError:
-    settings['config_source'] = f'defaults (F0): config file of {spec!r} not found'
-    return settings
-  for key in DEFAULT_INPUT_SETTINGS:
-    if key in config.data:
-      settings[key] = config.data[key]
-  settings['config_source'] = spec
-  return settings
+def input_settings(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The data settings the input benchmark needs, from `config.data`."""
+  return {key: config.data[key] for key in DEFAULT_INPUT_SETTINGS}
 
 
 def make_jpegs(num_images: int, directory: str, seed: int = 0) -> List[bytes]:
@@ -228,8 +214,8 @@ def _pinned_worker(cpu, jpegs, settings, batch_size, seconds, seed):
   return _time_transform(project_transform, jpegs, settings, batch_size, seconds, seed)
 
 
-def run_input(args) -> Dict[str, Any]:
-  settings = input_settings(args.config)
+def run_input(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  settings = input_settings(config)
   cpus = sorted(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as directory:
     jpegs = make_jpegs(args.num_images, directory, args.seed)
@@ -260,7 +246,7 @@ def run_input(args) -> Dict[str, Any]:
   widths, heights = zip(*sizes)
   return {
       'benchmark': 'input',
-      'config': settings.pop('config_source'),
+      'config': common.config_name(),
       **settings,
       'num_images': args.num_images,
       'image_size_mean_hw': [round(float(np.mean(heights))), round(float(np.mean(widths)))],
@@ -279,32 +265,24 @@ def run_input(args) -> Dict[str, Any]:
 SUBCOMMANDS = {'input': run_input}
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m scripts.benchmark', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest='command', required=True)
-  input_parser = commands.add_parser('input', help='host input pipeline: project vs Pillow baseline')
-  input_parser.add_argument('--config', default='configs/nfnet.py:F0',
-                            help='config as path[:arg]; F0 defaults when the file is missing')
-  input_parser.add_argument('--num_images', type=int, default=256,
-                            help='how many JPEGs to generate (cycled through while timing)')
-  input_parser.add_argument('--seconds', type=float, default=10.0,
-                            help='timing budget per transform on one core (at least one batch)')
-  input_parser.add_argument('--batch_size', type=int, default=32)
-  input_parser.add_argument('--rounds', type=int, default=2,
-                            help='alternations project/baseline within the time budget')
-  input_parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.command == 'input' and (args.num_images < 1 or args.seconds < 0 or args.batch_size < 1
-                                  or args.rounds < 1):
-    parser.error('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
-  return args
+_CONFIG = common.define_config_flag('Config whose data section to benchmark.',
+                                   default=os.path.join(common.REPO_ROOT, 'configs', 'nfnet.py') + ':F0')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'How many JPEGs to generate (cycled through while timing).')
+_SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timing budget per transform on one core (at least one batch).')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Examples per timed batch.')
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Alternations project/baseline within the time budget.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated JPEGs and the transforms.')
 
 
 def main(argv: Sequence[str]) -> None:
-  args = parse_args(argv)
-  print(json.dumps(SUBCOMMANDS[args.command](args)), flush=True)
+  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
+    raise ConfigError(f'name one benchmark: {", ".join(SUBCOMMANDS)}')
+  if _NUM_IMAGES.value < 1 or _SECONDS.value < 0 or _BATCH_SIZE.value < 1 or _ROUNDS.value < 1:
+    raise ConfigError('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
+  args = types.SimpleNamespace(num_images=_NUM_IMAGES.value, seconds=_SECONDS.value, batch_size=_BATCH_SIZE.value,
+                               rounds=_ROUNDS.value, seed=_SEED.value)
+  print(json.dumps(SUBCOMMANDS[argv[1]](args, _CONFIG.value)), flush=True)
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  common.run(main)

@@ -17,37 +17,26 @@ def _run(*args):
 
 
 def test_input_benchmark_prints_one_json_line(tmp_path):
-  config = tmp_path / 'tiny_config.py'
-  config.write_text(
-      'import ml_collections\n'
-      'def get_config(arg):\n'
-      '  c = ml_collections.ConfigDict()\n'
-      '  c.data = dict(train_resolution=int(arg), randaugment_layers=2,\n'
-      '                randaugment_magnitude=10.0, mix="mixup_cutmix", mixup_alpha=0.2)\n'
-      '  return c\n')
-  result = _run('input', '--config', f'{config}:48', '--num_images', '8', '--seconds', '0.1',
+  result = _run('input', '--config', 'configs/nfnet.py:F1', '--config.data.train_resolution=48',
+                '--config.data.randaugment_layers=2', '--num_images', '8', '--seconds', '0.1',
                 '--batch_size', '4', '--rounds', '1')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 1
   report = json.loads(lines[0])
   assert report['benchmark'] == 'input' and report['train_resolution'] == 48
-  assert report['randaugment_layers'] == 2 and report['config'].endswith(':48')
+  assert report['randaugment_layers'] == 2 and report['config'] == 'F1'
+  assert report['randaugment_magnitude'] == 10.0  # F1's recipe
   for key in ('images_per_s', 'images_per_s_per_core', 'baseline_images_per_s_per_core',
               'speedup_per_core'):
     assert report[key] > 0, key
   assert report['timed_images']['project'] % 4 == 0 and report['timed_images']['project'] >= 4
 
 
-def test_missing_config_falls_back_to_f0_defaults_and_says_so(tmp_path):
-  settings = benchmark.input_settings(str(tmp_path / 'absent.py') + ':F0')
-  assert settings['train_resolution'] == 192 and settings['randaugment_layers'] == 4
-  assert 'not found' in settings['config_source']
-
-
 def test_unknown_subcommand_and_bad_sizes_are_rejected():
-  assert _run('train_stepx').returncode != 0
-  assert _run('input', '--num_images', '0').returncode != 0
+  for args in (['train_stepx'], ['input', '--num_images', '0'], ['input', '--config', 'configs/absent.py:F0']):
+    result = _run(*args)
+    assert result.returncode != 0 and result.stderr.startswith('error:') and result.stderr.count('\n') == 1
 
 
 def test_both_transforms_make_uint8_examples_from_disjoint_pairs_of_jpegs(tmp_path):
