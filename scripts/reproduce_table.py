@@ -1,6 +1,6 @@
 """The paper's NFNet table beside ours: architecture measured from our models, accuracy measured from checkpoints.
 
-  # parameters and MACs only (abstract tracing, about a minute on a CPU)
+  # parameters and MACs only (abstract tracing, well under a minute on a CPU)
   python -m scripts.reproduce_table --out results/
   # and the top-1/top-5 of every checkpoint in a folder (reference F*_haiku.npz files, converted or trained
   # project checkpoints) on ImageNet's validation split, each at its variant's test resolution
@@ -39,8 +39,8 @@ from nfnets.data import sources
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
 
-_CONFIG = common.define_config_flag('Not a file here: each row uses configs/nfnet.py:ROW; give only --config.x '
-                                    'overrides, applied to every row.')
+common.define_config_flag('Not a file here: each row uses configs/nfnet.py:ROW; give only --config.x '
+                             'overrides, applied to every row.')
 _CHECKPOINTS = flags.DEFINE_string('checkpoints', None, 'A folder of checkpoints to evaluate: reference '
                                    'F*_haiku.npz files and/or project checkpoint directories (workdirs).')
 _OUT = flags.DEFINE_string('out', None, 'Folder for table.md and table.csv (local or gs://).')

@@ -50,7 +50,7 @@ def test_finetuning_beats_the_same_run_from_scratch(pretrained, tmp_path, capsys
   from_scratch = trainer.train_and_evaluate(_finetune_config(), tmp_path / 'scratch')
   finetuned = trainer.train_and_evaluate(_finetune_config(init_from=str(pretrained)), tmp_path / 'finetuned')
   assert f'initialised from {pretrained}' in capsys.readouterr().out
-  # Measured: 0.62 against 0.24 on the 360 test digits after 40 steps.
+  # Measured: 0.57 against 0.24 on the 360 test digits after 40 steps.
   assert finetuned['top1'] > from_scratch['top1'] + 0.2, (finetuned, from_scratch)
 
 
