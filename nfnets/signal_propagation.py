@@ -53,11 +53,8 @@ def eval_images(data_config: ml_collections.ConfigDict, split: str, count: int, 
   source = sources.get_source(data_config, split)
   if len(source) < count:
     raise ConfigError(f'{data_config.name} {split} holds {len(source)} images, fewer than the {count} asked for')
-  images = []
-  for index in range(count):
-    image = ops_image.decode_image(source[index]['image'])
-    images.append(ops_image.normalize(ops_image.eval_resize_and_crop(image, resolution, margin)))
-  return np.stack(images).astype(np.float32)
+  return np.stack([ops_image.eval_image(source[index]['image'], resolution, margin)
+                   for index in range(count)]).astype(np.float32)
 
 
 def _with_skip_gains(params: hk.Params, value: float) -> tuple[hk.Params, int]:
