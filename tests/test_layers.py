@@ -140,3 +140,35 @@ def test_stochastic_depth_drops_whole_examples_without_rescaling():
   assert bool(jnp.all((per_example == 0).all(axis=1) | (per_example == 1).all(axis=1)))
   assert 0.4 < float(per_example[:, 0].mean()) < 0.6
   np.testing.assert_array_equal(fn.apply({}, jax.random.PRNGKey(0), x * 2, True), out * 2)
+
+
+@pytest.mark.parametrize('stride,size', [(1, 6), (2, 7), (2, 1)])
+def test_shifted_grouped_conv_matches_native(stride, size):
+  rng = np.random.default_rng(stride * 10 + size)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 2, 24)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 8, 36)), jnp.float32)
+  native = layers.convolve(x, kernel, stride, 3, 'native')
+  shifted = layers.convolve(x, kernel, stride, 3, 'shifted')
+  assert shifted.shape == native.shape == (2, -(-size // stride), -(-(size + 2) // stride), 36)
+  np.testing.assert_allclose(shifted, native, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_grouped_conv_on_cpu_splits_few_groups_and_shifts_many():
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_grouped_conv('auto', 1) == 'split'
+  assert layers.resolve_grouped_conv('auto', layers.MAX_SPLIT_GROUPS) == 'split'
+  assert layers.resolve_grouped_conv('auto', layers.MAX_SPLIT_GROUPS + 1) == 'shifted'
+  assert layers.resolve_grouped_conv('native', 93) == 'native'
+
+
+def test_plain_conv_and_unscaled_activation():
+  fn = hk.without_apply_rng(hk.transform(lambda x: layers.Conv2D(6, 3, stride=2, feature_group_count=2,
+                                                                  name='conv')(x)))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 5, 4)), jnp.float32)
+  params = _random_params(fn, x)
+  assert jax.tree.map(jnp.shape, params) == {'conv': {'w': (3, 3, 2, 6)}}
+  expected = jax.lax.conv_general_dilated(x, params['conv']['w'], (2, 2), 'SAME', feature_group_count=2,
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(fn.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+  z = jnp.linspace(-2, 2, 5)
+  np.testing.assert_array_equal(layers.get_activation('gelu', scaled=False)(z), jax.nn.gelu(z))

@@ -33,6 +33,9 @@ from nfnets.models import layers
 WIDTHS = (256, 512, 1536, 1536)
 WIDE_WIDTHS = (384, 768, 2048, 2048)
 STRIDES = (1, 2, 2, 2)
+# The stem: four 3x3 convs, to these widths and then to half the first stage's width, with these strides.
+STEM_WIDTHS = (16, 32, 64)
+STEM_STRIDES = (2, 1, 1, 2)
 
 # The architecture table: F1..F7 multiply F0's stage depths; the wide '+' variants widen the stages.
 # Recipe numbers (resolutions, RandAugment, dropout) are the configs' (configs/nfnet.py), not the model's.
@@ -48,10 +51,16 @@ def get_variant(variant: str) -> dict[str, Any]:
   return VARIANTS[variant]
 
 
-def _channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(channel-averaged squared channel mean, channel-averaged channel variance) over N, H, W."""
-  x = x.astype(jnp.float32)
-  return jnp.mean(jnp.square(jnp.mean(x, axis=(0, 1, 2)))), jnp.mean(jnp.var(x, axis=(0, 1, 2)))
+def bottleneck_width(out_channels: int, group_width: int) -> tuple[int, int]:
+  """(width, groups) of a block's grouped 3x3 convs: half the output width, in whole groups of `group_width`.
+
+  A bottleneck narrower than one group is one group.
+  """
+  width = int(out_channels * 0.5)
+  groups = max(1, width // group_width)
+  if width >= group_width:
+    width = groups * group_width
+  return width, groups
 
 
 class NFBlock(hk.Module):
@@ -73,11 +82,7 @@ class NFBlock(hk.Module):
     self.alpha = alpha
     self.stochdepth_rate = stochdepth_rate
     self.activation = layers.get_activation(activation)
-    width = int(out_channels * 0.5)
-    # Whole groups of `group_width` channels; a bottleneck narrower than one group is one group.
-    groups = max(1, width // group_width)
-    if width >= group_width:
-      width = groups * group_width
+    width, groups = bottleneck_width(out_channels, group_width)
     conv = lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
         ch, k, stride=stride, feature_group_count=groups, grouped_conv=grouped_conv, name=name)
     self.conv0 = conv(width, 1, 'conv0')
@@ -140,8 +145,9 @@ class NFNet(hk.Module):
     self.drop_rate = drop_rate
     self.activation = layers.get_activation(activation)
     conv = lambda ch, stride, name: layers.WSConv2D(ch, 3, stride=stride, name=name)
-    self.stem = [conv(16, 2, 'stem_conv0'), conv(32, 1, 'stem_conv1'),
-                 conv(64, 1, 'stem_conv2'), conv(self.widths[0] // 2, 2, 'stem_conv3')]
+    stem_widths = (*STEM_WIDTHS, self.widths[0] // 2)
+    self.stem = [conv(ch, stride, f'stem_conv{i}')
+                 for i, (ch, stride) in enumerate(zip(stem_widths, STEM_STRIDES))]
     self.blocks = []
     num_blocks = sum(self.depths)
     channels = self.widths[0] // 2
@@ -171,9 +177,7 @@ class NFNet(hk.Module):
     for block in self.blocks:
       x, residual = block(x, is_training)
       if return_metrics:
-        avg_sq_mean, avg_var = _channel_stats(x)
-        signal[block.module_name] = dict(avg_sq_mean=avg_sq_mean, avg_var=avg_var,
-                                         res_avg_var=_channel_stats(residual)[1])
+        signal[block.module_name] = layers.signal_stats(x, residual)
     x = self.activation(self.final_conv(x))
     pooled = jnp.mean(x, axis=(1, 2))
     if is_training and self.drop_rate > 0:
