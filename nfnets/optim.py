@@ -198,10 +198,14 @@ def update_ema(ema_params: Any, params: Any, step: Any, decay: float) -> Any:
   `step` is the number of updates applied before this one (the step counter before incrementing).
   Computed as ema + (1 - d) * (params - ema): the same average, but a weight equal to its average (a frozen
   one) stays bitwise equal; d * w + (1 - d) * w rounds away from w for a few percent of float32 values.
+  Leaves that are not floating point (e.g. the update counters in batch normalisation's moving-average
+  state) are counts, not estimates: they take the new value, keeping their dtype.
   """
   d = ema_decay_at(step, decay)
 
   def update(e, p):
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+      return p
     e = e.astype(jnp.float32)
     return e + (1.0 - d) * (p.astype(jnp.float32) - e)
 

@@ -271,6 +271,15 @@ def test_ema_decay_schedule_and_update():
   np.testing.assert_allclose(updated['m']['w'], 0.55 * 1.0 + 0.45 * 3.0, rtol=1e-6)
 
 
+def test_ema_of_model_state_takes_counters_as_they_are():
+  # Batch norm's moving averages carry an int32 update counter: a count, not an estimate to average.
+  ema = {'bn': {'average': np.zeros(3, np.float32), 'counter': np.int32(4)}}
+  state = {'bn': {'average': np.ones(3, np.float32), 'counter': np.int32(7)}}
+  updated = optim.update_ema(ema, state, jnp.int32(0), 0.999)
+  assert updated['bn']['counter'].dtype == jnp.int32 and int(updated['bn']['counter']) == 7
+  np.testing.assert_allclose(updated['bn']['average'], 0.9, rtol=1e-6)
+
+
 def test_agc_leaves_the_registry_classifier_unclipped():
   config = optimizer_config(clip_mode='agc', clipping=0.01)
   params = {'Net/~/head': {'w': np.ones((4, 3), np.float32), 'b': np.ones((3,), np.float32)},
