@@ -11,6 +11,7 @@ and registers a `ModelFamily`. The rest of the library reaches models only throu
 To add a family: write `nfnets/models/<family>.py` with the module, its `VARIANTS` table and a
 `register(ModelFamily(...))` call, import it at the bottom of this file, and add `configs/<family>.py`.
 """
+import contextlib
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
@@ -44,6 +45,9 @@ class ModelFamily:
     training_only_keys: `config.model` entries that change training but not the function a trained model
       computes (regularisation, how a convolution is executed); they may differ between a checkpoint and the
       config that evaluates it.
+    float32_modules: module classes that compute in float32 whatever the compute dtype (e.g. batch
+      normalisation: its statistics and moving averages lose too much in bfloat16); `make_forward` gives them
+      float32 parameters, state and computation, and casts their outputs back to the compute dtype.
   """
   name: str
   module: type[hk.Module]
@@ -52,6 +56,7 @@ class ModelFamily:
   classifier_module: str
   config_from_reference: Optional[Callable[[Params], dict[str, Any]]] = None
   training_only_keys: tuple[str, ...] = ()
+  float32_modules: tuple[type[hk.Module], ...] = ()
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -130,17 +135,22 @@ def make_forward(config: ml_collections.ConfigDict | Mapping[str, Any],
                  compute_dtype: str = 'float32', **call_kwargs: Any) -> hk.TransformedWithState:
   """The model as a pure `init`/`apply` pair.
 
-  The policy is pushed inside the transformed function (not set globally) so two models with different
-  precisions can live in one process, e.g. a bfloat16 train step and a float32 evaluation.
+  The policies are pushed inside the transformed function (not set globally) so two models with different
+  precisions can live in one process, e.g. a bfloat16 train step and a float32 evaluation. The family's
+  `float32_modules` get a float32 policy nested inside the model's (Haiku applies the innermost one).
   `call_kwargs` go to the module's call (e.g. `return_metrics=True`).
   """
   family = get_family(config['name'])
   kwargs = model_kwargs(config)
   get_variant(family.name, kwargs['variant'])
   policy = precision_policy(compute_dtype)
+  float32_policy = jmp.get_policy(f'params=float32,compute=float32,output={compute_dtype}')
 
   def forward(images, is_training: bool):
-    with hk.mixed_precision.push_policy(family.module, policy):
+    with contextlib.ExitStack() as policies:
+      policies.enter_context(hk.mixed_precision.push_policy(family.module, policy))
+      for module in family.float32_modules:
+        policies.enter_context(hk.mixed_precision.push_policy(module, float32_policy))
       return family.module(**kwargs)(images, is_training=is_training, **call_kwargs)
 
   return hk.transform_with_state(forward)
@@ -157,4 +167,5 @@ def abstract_params(config: ml_collections.ConfigDict | Mapping[str, Any], resol
 
 
 # Families register themselves on import.
-from nfnets.models import nfnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.models import nfnet
