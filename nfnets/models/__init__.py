@@ -168,5 +168,6 @@ def abstract_params(config: ml_collections.ConfigDict | Mapping[str, Any], resol
 
 # Families register themselves on import.
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.models import nf_regnet
 from nfnets.models import nf_resnet
 from nfnets.models import nfnet
