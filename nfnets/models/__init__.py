@@ -171,3 +171,4 @@ def abstract_params(config: ml_collections.ConfigDict | Mapping[str, Any], resol
 from nfnets.models import nf_regnet
 from nfnets.models import nf_resnet
 from nfnets.models import nfnet
+from nfnets.models import se_resnext
