@@ -1,7 +1,6 @@
 """Checks the model-family tests share: signal propagation at init, a short run's config, one pmapped step."""
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -12,7 +12,8 @@ step's pmap axis 'batch'): every device normalises with the global batch's mean 
 averages (decay `bn_decay`) are identical on every device. Outside a pmap over that axis (initialisation under
 jit, a single-device forward) the local batch's statistics are used. Evaluation (`is_training=False`) uses the
 moving averages. The normalisation computes in float32 under a bfloat16 policy (`models.make_forward` gives
-`BatchNorm` a float32 policy), and its moving averages are float32 model state, checkpointed with the weights.
+`BatchNorm` a float32 policy), and its moving averages are float32 model state, checkpointed with the weights
+(with `hk.BatchNorm`'s int32 update counters, which the train step carries as they are).
 
 EMA of the statistics. The train step keeps an EMA of the model state beside the EMA of the weights, so the
 EMA weights are evaluated with EMA statistics: the moving averages (a ~10-step average of batch statistics)
@@ -199,7 +200,7 @@ def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
       group_width=128,
       grouped_conv='auto',
       bn_decay=0.9,
-      cross_replica_axis=AXIS_NAME,
+      cross_replica_axis=AXIS_NAME,   # '' normalises each device's batch by its own statistics
       depths=ml_collections.config_dict.placeholder(tuple),
       widths=ml_collections.config_dict.placeholder(tuple),
   ))
