@@ -106,7 +106,7 @@ def test_train_benchmark_times_the_loops_own_step(monkeypatch):
 
 def test_eval_benchmark_from_the_command_line():
   result = _run('eval', '--config', 'configs/nfnet.py:tiny', '--batch', '8', '--steps', '1', '--warmup', '0',
-                '--matmul_size', '128', '--config.model.widths=(16,16,16,16)')
+                '--matmul_size', '128')
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 1
