@@ -61,8 +61,18 @@ def normalize_images(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - mean) * inv_stddev
 
 
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(*trees) -> jax.Array:
+  """One boolean scalar: every element of every leaf of `trees` is finite.
+
+  One reduction over the concatenated leaves rather than one per leaf. XLA's CPU backend compiles every
+  reduction into kernels of its own, and it copied a reduction of per-leaf flags into each of the
+  hundreds of selects that consume the flag (the F0 step took ~4 minutes to compile). The concatenation
+  is a temporary copy of the leaves; on CPU it cost no measurable step time.
+  """
+  leaves = [jnp.ravel(x) for tree in trees for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.bool_(True)
+  return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
 
 
 def make_train_step(forward: hk.TransformedWithState,
@@ -117,7 +127,8 @@ def make_train_step(forward: hk.TransformedWithState,
 
     # Every device sees the same averaged loss and gradients, so all of them take the same branch. The new
     # weights are checked too: a finite gradient can still overflow through the learning rate.
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+    flat_grads = jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)])
+    finite = all_finite(flat_grads) & all_finite(loss, params)
     # One conditional for the whole state rather than a select per leaf: the same values, but XLA CPU
     # compiles the step several times faster.
     params, model_state, opt_state, ema_params, ema_model_state = jax.lax.cond(
@@ -139,7 +150,7 @@ def make_train_step(forward: hk.TransformedWithState,
     metrics = {
         'loss': loss,
         'top1_acc': jax.lax.pmean(top1, axis_name),
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': jnp.sqrt(jnp.sum(jnp.square(flat_grads))),  # one reduction, as in all_finite
         'learning_rate': learning_rate_fn(state.step),
         'finite': finite.astype(jnp.float32),
         'nonfinite_streak': new_state.nonfinite_streak,

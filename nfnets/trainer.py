@@ -7,7 +7,7 @@ path goes through `etils.epath`.
 """
 import json
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -60,6 +60,22 @@ def setup_training(config: ml_collections.ConfigDict, num_train_examples: int) -
                                         ema_decay=config.optimizer.ema_decay,
                                         uses_grad_fn=optim.needs_grad_fn(config.optimizer))
   return TrainingSetup(forward, optimizer, step, total_steps)
+
+
+def pmap_train_step(setup: TrainingSetup, devices: Optional[Sequence[jax.Device]] = None) -> Callable[..., Any]:
+  """The train step as the loop runs it: pmapped over `devices` (default: all local), the state donated
+  off CPU. `(replicated_state, batch) -> (replicated_state, metrics)`."""
+  return jax.pmap(setup.train_step, axis_name=train_step_lib.AXIS_NAME, devices=devices,
+                  donate_argnums=() if jax.default_backend() == 'cpu' else (0,))
+
+
+def pmap_eval_step(config: ml_collections.ConfigDict,
+                   devices: Optional[Sequence[jax.Device]] = None) -> Callable[..., Any]:
+  """The loop's evaluation step, in `config.precision.eval_compute_dtype`, pmapped over `devices`:
+  `(replicated weight sets, batch) -> summed hit counts`."""
+  eval_forward = models.make_forward(config.model, config.precision.eval_compute_dtype)
+  return jax.pmap(train_step_lib.make_eval_step(eval_forward), axis_name=train_step_lib.AXIS_NAME,
+                  devices=devices)
 
 
 def _config_entry(config: dict, dotted: str) -> Any:
@@ -129,10 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   say(f'{origin} ({workdir})')
   meta = {'config': json.loads(config.to_json()), 'model': config.model.to_dict()}
 
-  p_train_step = jax.pmap(setup.train_step, axis_name=train_step_lib.AXIS_NAME,
-                          donate_argnums=() if jax.default_backend() == 'cpu' else (0,))
-  eval_forward = models.make_forward(config.model, config.precision.eval_compute_dtype)
-  p_eval_step = jax.pmap(train_step_lib.make_eval_step(eval_forward), axis_name=train_step_lib.AXIS_NAME)
+  p_train_step = pmap_train_step(setup)
+  p_eval_step = pmap_eval_step(config)
 
   def run_eval(replicated_state) -> dict[str, float]:
     eval_iter = pipeline.make_eval_iterator(config.data, global_batch_size=config.train.eval_batch_size)

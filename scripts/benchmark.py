@@ -1,9 +1,19 @@
 """Benchmarks, one sub-command each; every run prints ONE JSON line.
 
   python -m scripts.benchmark input --config configs/nfnet.py:F0 [--num_images 256] [--seconds 10]
+  python -m scripts.benchmark train --config configs/nfnet.py:F0 --resolution 192 --batch 8 \
+      --dtype float32 --steps 5 [--baseline native] [--config.model.grouped_conv=native]
+  python -m scripts.benchmark eval --config configs/nfnet.py:F0 --resolution 256 --batch 8
 
 The config comes through the shared command-line layer (`--config path:arg`, `--config.data.x=value`
-overrides; default configs/nfnet.py:F0); the benchmark reads its `data` section.
+overrides; default configs/nfnet.py:F0); `input` reads its `data` section.
+
+`train` and `eval` time the loop's own pmapped steps on one device (see `scripts/step_benchmark.py`):
+compile seconds, step seconds, images/s, XLA's FLOPs per step, achieved FLOP/s and its fraction of the
+device's matmul peak measured in the same run (MFU), and peak host memory. `--resolution`, `--batch`
+and `--dtype` set the config's train and eval fields alike; `--baseline MODE` also builds the step with
+the model's grouped convs run as MODE (`native`: the straightforward formulation) and alternates the
+two.
 
 `input` times the full training transform of `nfnets.data` (the reference's: per example two crops
 decoded at full resolution, random-resized crop, flip, TF bicubic resize to float32, MixUp/CutMix of
@@ -262,25 +272,59 @@ def run_input(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   }
 
 
-SUBCOMMANDS = {'input': run_input}
+def run_step(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The train or eval step benchmark (`args.command`) of `config` with the command line's overrides."""
+  from scripts import step_benchmark  # Imports JAX and the model: only the step benchmarks need them.
+  resolution = args.resolution or (config.data.train_resolution if args.command == 'train'
+                                   else config.data.eval_resolution)
+  config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=resolution, dtype=args.dtype)
+  report = step_benchmark.run(args.command, config, steps=args.steps, warmup=args.warmup,
+                              baseline_grouped_conv=args.baseline, matmul_size=args.matmul_size)
+  return {'config': args.config_name, **report}
 
 
-_CONFIG = common.define_config_flag('Config whose data section to benchmark.',
+SUBCOMMANDS = {'input': run_input, 'train': run_step, 'eval': run_step}
+STEP_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+_CONFIG = common.define_config_flag('Config to benchmark (input: its data section).',
                                    default=os.path.join(common.REPO_ROOT, 'configs', 'nfnet.py') + ':F0')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'How many JPEGs to generate (cycled through while timing).')
 _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timing budget per transform on one core (at least one batch).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Examples per timed batch.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Alternations project/baseline within the time budget.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated JPEGs and the transforms.')
+_RESOLUTION = flags.DEFINE_integer('resolution', None, "train/eval: image size; default: the config's train "
+                                   '(eval) resolution.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'train/eval: batch size on the one device.')
+_DTYPE = flags.DEFINE_enum('dtype', None, STEP_DTYPES, "train/eval: compute dtype; default: the config's.")
+_STEPS = flags.DEFINE_integer('steps', 5, 'train/eval: timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'train/eval: untimed steps after compiling.')
+_BASELINE = flags.DEFINE_enum('baseline', None, ('native', 'split'),
+                              'train/eval: also time the step with the grouped convs in this mode, alternating.')
+_MATMUL_SIZE = flags.DEFINE_integer('matmul_size', None, 'train/eval: side of the square matmul that measures '
+                                    'the peak; default by device.')
+
+
+def _step_args(command: str) -> types.SimpleNamespace:
+  if (_BATCH.value < 1 or _STEPS.value < 1 or _WARMUP.value < 0 or (_RESOLUTION.value or 8) < 8
+      or (_MATMUL_SIZE.value or 1) < 1):
+    raise ConfigError('need --batch >= 1, --steps >= 1, --warmup >= 0, --resolution >= 8 and --matmul_size >= 1')
+  return types.SimpleNamespace(command=command, config_name=common.config_name(), resolution=_RESOLUTION.value,
+                               batch=_BATCH.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                               baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise ConfigError(f'name one benchmark: {", ".join(SUBCOMMANDS)}')
-  if _NUM_IMAGES.value < 1 or _SECONDS.value < 0 or _BATCH_SIZE.value < 1 or _ROUNDS.value < 1:
-    raise ConfigError('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
-  args = types.SimpleNamespace(num_images=_NUM_IMAGES.value, seconds=_SECONDS.value, batch_size=_BATCH_SIZE.value,
-                               rounds=_ROUNDS.value, seed=_SEED.value)
+  if argv[1] == 'input':
+    if _NUM_IMAGES.value < 1 or _SECONDS.value < 0 or _BATCH_SIZE.value < 1 or _ROUNDS.value < 1:
+      raise ConfigError('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
+    args = types.SimpleNamespace(num_images=_NUM_IMAGES.value, seconds=_SECONDS.value,
+                                 batch_size=_BATCH_SIZE.value, rounds=_ROUNDS.value, seed=_SEED.value)
+  else:
+    args = _step_args(argv[1])
   print(json.dumps(SUBCOMMANDS[argv[1]](args, _CONFIG.value)), flush=True)
 
 

@@ -1,12 +1,15 @@
-"""Tests for scripts.benchmark: the input sub-command in a tiny mode, config loading."""
+"""Tests for scripts.benchmark: the input sub-command in a tiny mode, the train and eval step timings."""
 import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
+import pytest
 
 from scripts import benchmark
+from tests import tiny_setup
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,3 +55,69 @@ def test_both_transforms_make_uint8_examples_from_disjoint_pairs_of_jpegs(tmp_pa
     # Example i is made from JPEGs 2i and 2i + 1 (their labels), each JPEG used once.
     for i, target in enumerate(batch['labels']):
       assert set(np.nonzero(target)[0]) <= {2 * i, 2 * i + 1}
+
+
+def _step_args(command, **overrides):
+  args = dict(command=command, config_name='tiny_setup', resolution=None, batch=8, dtype=None, steps=2,
+              warmup=1, baseline=None, matmul_size=256)
+  return types.SimpleNamespace(**{**args, **overrides})
+
+
+def test_train_benchmark_times_the_loops_own_step(monkeypatch):
+  from nfnets import trainer
+  built = {}
+  setup_training, pmap_train_step = trainer.setup_training, trainer.pmap_train_step
+
+  def spy_setup(config, num_train_examples):
+    built.setdefault('setups', []).append(setup_training(config, num_train_examples))
+    return built['setups'][-1]
+
+  def spy_pmap(setup, devices=None):
+    built.setdefault('pmapped', []).append((setup, devices))
+    return pmap_train_step(setup, devices)
+
+  monkeypatch.setattr(trainer, 'setup_training', spy_setup)
+  monkeypatch.setattr(trainer, 'pmap_train_step', spy_pmap)
+  batch = tiny_setup.BATCH_SIZE  # the shared tiny set-up's one-device step: other tests compile it too
+  report = benchmark.run_step(_step_args('train', batch=batch, dtype='float32', baseline='native'),
+                              tiny_setup.tiny_config())
+  json.dumps(report)
+  # The step timed is the trainer's, pmapped over one device, once as configured and once as baseline.
+  assert [s for s, _ in built['pmapped']] == built['setups'] and len(built['setups']) == 2
+  assert all(len(devices) == 1 for _, devices in built['pmapped'])
+  assert (report['benchmark'], report['config'], report['dtype'], report['batch_size'], report['resolution']) == (
+      'train', 'tiny_setup', 'float32', batch, tiny_setup.RESOLUTION)
+  assert report['grouped_conv'] == 'split' and report['baseline']['grouped_conv'] == 'native'
+  assert report['steps'] == 2 and report['warmup_steps'] == 1
+  assert report['compile_s'] > 0 and report['trace_s'] > 0
+  assert 0 < report['step_s_min'] <= report['step_s_median']
+  assert report['images_per_s'] == pytest.approx(batch / report['step_s_median'], rel=1e-2)
+  assert report['flops_per_step'] > 1e6
+  assert report['achieved_flops_per_s'] == pytest.approx(report['flops_per_step'] / report['step_s_median'],
+                                                         rel=1e-2)
+  assert report['peak_matmul_flops_per_s'] > 0 and report['peak_matmul_size'] == 256
+  assert report['mfu'] == pytest.approx(report['achieved_flops_per_s'] / report['peak_matmul_flops_per_s'],
+                                        rel=1e-2, abs=1e-4)
+  assert report['peak_host_memory_mib'] > 0 and report['host_cpu_s_per_step'] > 0
+  assert len(report['load_average_1min']) == 2
+  assert report['speedup_vs_baseline'] == pytest.approx(
+      report['baseline']['step_s_median'] / report['step_s_median'], rel=1e-2)
+
+
+def test_eval_benchmark_from_the_command_line():
+  result = _run('eval', '--config', 'configs/nfnet.py:tiny', '--batch', '8', '--steps', '1', '--warmup', '0',
+                '--matmul_size', '128')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1
+  report = json.loads(lines[0])
+  assert (report['benchmark'], report['config'], report['batch_size'], report['dtype']) == ('eval', 'tiny', 8, 'float32')
+  assert report['resolution'] == 32  # the tiny config's eval resolution
+  assert report['flops_per_step'] > 0 and report['step_s_median'] > 0 and 'baseline' not in report
+
+
+def test_step_benchmarks_reject_bad_input():
+  for args in (['train', '--steps', '0'], ['eval', '--batch', '0'], ['train', '--dtype', 'float64'],
+               ['train', '--baseline', 'fast']):
+    result = _run(*args)
+    assert result.returncode != 0 and result.stderr.startswith('error:') and result.stderr.count('\n') == 1, args

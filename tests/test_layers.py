@@ -83,17 +83,46 @@ def test_ws_conv_stride2_uses_tensorflow_same_padding(size):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_split_grouped_conv_matches_native():
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 12)), jnp.float32)
-  native = _conv_fn(output_channels=9, kernel_shape=3, stride=2, feature_group_count=3,
-                    grouped_conv='native')
-  split = _conv_fn(output_channels=9, kernel_shape=3, stride=2, feature_group_count=3,
-                   grouped_conv='split')
+def _standardize_weight_as_published(weight, gain, eps=1e-4):
+  """The reference's formulation: statistics over the kernel's (H, W, I) axes."""
+  mean = jnp.mean(weight, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(weight, axis=(0, 1, 2), keepdims=True)
+  fan_in = math.prod(weight.shape[:-1])
+  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  return weight * scale - mean * scale
+
+
+@pytest.mark.parametrize('shape', [(3, 3, 16, 24), (1, 1, 48, 8), (1, 1, 1, 4)])
+def test_standardised_kernel_and_its_gradient_match_the_published_formulation(shape):
+  rng = np.random.default_rng(0)
+  weight = jnp.asarray(rng.normal(0.3, 2.0, shape), jnp.float32)
+  gain = jnp.asarray(rng.normal(1.0, 0.5, shape[-1:]), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ours = lambda w, g: jnp.sum(layers.standardize_weight(w, g) * cotangent)
+  published = lambda w, g: jnp.sum(_standardize_weight_as_published(w, g) * cotangent)
+  np.testing.assert_allclose(layers.standardize_weight(weight, gain),
+                             _standardize_weight_as_published(weight, gain), rtol=1e-5, atol=1e-6)
+  for got, want in zip(jax.grad(ours, (0, 1))(weight, gain), jax.grad(published, (0, 1))(weight, gain)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_shape,stride,groups', [
+    (3, 2, 3), (3, 1, 4), (3, 1, 1), (1, 1, 1), (1, 2, 1)])
+def test_split_formulation_matches_native_outputs_and_gradients(kernel_shape, stride, groups):
+  """'split' (per-group convs, 1x1 convs as matmuls) computes what one lax conv computes."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 7, 12)), jnp.float32)
+  kwargs = dict(output_channels=24, kernel_shape=kernel_shape, stride=stride, feature_group_count=groups)
+  native = _conv_fn(**kwargs, grouped_conv='native')
+  split = _conv_fn(**kwargs, grouped_conv='split')
   params = _random_params(native, x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
       jnp.shape, jax.eval_shape(split.init, jax.random.PRNGKey(0), x))
-  np.testing.assert_allclose(split.apply(params, x), native.apply(params, x), rtol=1e-5,
-                             atol=1e-5)
+  out = native.apply(params, x)
+  np.testing.assert_allclose(split.apply(params, x), out, rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
+  grads = lambda fn: jax.grad(lambda p, x: jnp.sum(fn.apply(p, x) * cotangent), (0, 1))(params, x)
+  for got, want in zip(jax.tree.leaves(grads(split)), jax.tree.leaves(grads(native))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_ws_conv_rejects_bad_groups_and_mode():
