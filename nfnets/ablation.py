@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from etils import epath
+import jax
 import ml_collections
 
 from nfnets import files
@@ -177,6 +178,9 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[RunSpec], workdir:
     else:
       say(f'[{index}/{len(grid)}] {spec.name}: training in {run_dir}')
       result = run_one(config, spec, run_dir, train_fn)
+      # Every run compiles its own programs, and on CPU each holds thousands of memory mappings: a long
+      # sweep in one process would pass Linux's per-process limit (vm.max_map_count) and crash.
+      jax.clear_caches()
       if result is None:
         say(f'stopped by SIGTERM; rerun the same command to resume at {spec.name}')
         break

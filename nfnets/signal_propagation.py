@@ -73,9 +73,13 @@ def _with_skip_gains(params: hk.Params, value: float) -> tuple[hk.Params, int]:
 
 
 def block_statistics(model_config: Mapping[str, Any], images: np.ndarray, *, seed: int = 0,
-                     skip_gain: Optional[float] = None, is_training: bool = False
+                     skip_gain: Optional[float] = None, regularisers: bool = False
                      ) -> tuple[list[str], dict[str, np.ndarray], int]:
   """The model's per-block statistics at initialisation on `images`, in float32.
+
+  The forward pass runs in training mode, as the paper measured: a batch-normalised model normalises with the
+  batch's own statistics (its moving averages hold nothing yet at initialisation). Stochastic depth and dropout
+  are off unless `regularisers`, so a normaliser-free model computes what it computes in inference.
 
   Args:
     model_config: a `config.model` section of any registered family.
@@ -83,19 +87,20 @@ def block_statistics(model_config: Mapping[str, Any], images: np.ndarray, *, see
     seed: initialisation seed.
     skip_gain: if given, every 'skip_gain' parameter is set to it (NFNets initialise them to 0, which makes
       every block an identity at initialisation; 1 shows what the residual branches add).
-    is_training: run in training mode (batch statistics for batch-normalised models; dropout and stochastic
-      depth active at the config's rates).
+    regularisers: keep stochastic depth and dropout at the config's rates.
 
   Returns:
     (block names in execution order, {metric: float64 values per block, NaN where not reported}, number of
     skip gains set).
   """
   model_config = dict(model_config)
+  if not regularisers:
+    model_config.update({key: 0.0 for key in ('stochdepth_rate', 'drop_rate') if key in model_config})
   forward = models.make_forward(model_config, 'float32', return_metrics=True)
   init_rng, apply_rng = jax.random.split(jax.random.PRNGKey(seed))
 
   def statistics(params, state, rng, x):
-    outputs, _ = forward.apply(params, state, rng, x, is_training=is_training)
+    outputs, _ = forward.apply(params, state, rng, x, is_training=True)
     signal = outputs.get('signal_propagation') if isinstance(outputs, dict) else None
     if not signal:
       raise UserError(f'{model_config["name"]} models report no signal_propagation metrics')

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 from absl import flags
 from etils import epath
+import jax
 import ml_collections
 from ml_collections import config_flags
 
@@ -157,6 +158,9 @@ def evaluate_folder(folder: str, overrides: dict[str, Any], rows: Sequence[str]
         top5=100 * results[f'{prefix}top5'], eval_resolution=config.data.eval_resolution,
         eval_examples=int(results['num_examples'])))
     del loaded
+    # Each model's compiled evaluation holds thousands of memory mappings on CPU; a folder of F0-F6 would
+    # pass Linux's per-process limit (vm.max_map_count) and crash. The next model recompiles anyway.
+    jax.clear_caches()
   return measured, skipped
 
 

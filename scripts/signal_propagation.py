@@ -7,6 +7,9 @@ channel variance and the residual branch's variance, on real images; a PNG (thre
   # two models side by side: any two configs of registered families whose models report the metrics
   python -m scripts.signal_propagation --config configs/nfnet.py:F0 --compare configs/nfnet.py:F0 \
       --compare.model.alpha=0.5 --skip_gain=1 --out spp_alpha.png
+  # NFNet-F0 beside its batch-normalised twin (same topology, BN instead of weight standardisation)
+  python -m scripts.signal_propagation --config configs/nfnet.py:F0 --compare configs/se_resnext.py:F0 \
+      --images=gaussian --out spp_nf_vs_bn.png
   # ImageNet validation images instead of the bundled digits
   python -m scripts.signal_propagation --config configs/nfnet.py:F0 --images=config \
       --config.data.data_dir=~/tensorflow_datasets --out spp.png
@@ -17,6 +20,8 @@ preprocessing. `--images=gaussian` feeds unit Gaussian noise instead, the input 
 (weight-standardised convolutions map flat image regions, most of a digit, to zero). The size is each
 config's `data.eval_resolution` (or `--resolution`). Without --config the model is NFNet
 `--variant` (default F0) with its recipe (configs/nfnet.py:VARIANT). Prints one line per model.
+The forward pass is in training mode (batch-normalised models use the batch's statistics, as the paper
+measured) with stochastic depth and dropout off (`--regularisers` keeps them).
 """
 from absl import flags
 from etils import epath
@@ -39,8 +44,8 @@ _IMAGES = flags.DEFINE_enum('images', 'digits', ['digits', 'config', 'gaussian']
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'Images in the batch the statistics are taken over.')
 _RESOLUTION = flags.DEFINE_integer('resolution', None, 'Image size; default: each config\'s data.eval_resolution.')
 _SKIP_GAIN = flags.DEFINE_float('skip_gain', None, 'Set every skip_gain parameter to this value (NFNets start at 0).')
-_TRAINING_MODE = flags.DEFINE_bool('training_mode', False, 'Forward pass in training mode (batch statistics for '
-                                   'batch-normalised models; dropout and stochastic depth at the config\'s rates).')
+_REGULARISERS = flags.DEFINE_bool('regularisers', False, 'Keep stochastic depth and dropout at the config\'s '
+                                  'rates (default: off, so only the initialisation is measured).')
 flags.mark_flag_as_required('out')
 
 
@@ -73,6 +78,9 @@ def _labels(configs: list[tuple[ml_collections.ConfigDict, str]]) -> list[str]:
   names = [name for _, name in configs]
   if len(set(names)) == len(names):
     return names
+  families = [config.model.name for config, _ in configs]
+  if len(set(families)) == len(families):  # e.g. NFNet F0 beside the batch-normalised F0
+    return [f'{family} {name}' for family, name in zip(families, names)]
   models = [config.model.to_dict() for config, _ in configs]
   differing = sorted(k for k in set().union(*models) if len({repr(m.get(k)) for m in models}) > 1)
   return [f'{name} ({", ".join(f"{k}={m.get(k)}" for k in differing)})' if differing else f'{name} #{i + 1}'
@@ -110,7 +118,7 @@ def main(argv):
   for (config, _), label in zip(configs, _labels(configs)):
     images = _images_for(config, cache)
     blocks, values, gains_set = signal_propagation.block_statistics(
-        config.model, images, seed=config.seed, skip_gain=_SKIP_GAIN.value, is_training=_TRAINING_MODE.value)
+        config.model, images, seed=config.seed, skip_gain=_SKIP_GAIN.value, regularisers=_REGULARISERS.value)
     series.append(signal_propagation.Series(label, blocks, values))
     note = ''
     if _SKIP_GAIN.value is not None:
@@ -118,8 +126,9 @@ def main(argv):
     print(f'{label}: {len(blocks)} blocks, {images.shape[0]} images at {images.shape[1]}²{note}; final block '
           f'avg_var {values["avg_var"][-1]:.4g}, avg_sq_mean {values["avg_sq_mean"][-1]:.4g}')
   out.parent.mkdir(parents=True, exist_ok=True)
-  mode = 'training' if _TRAINING_MODE.value else 'inference'
-  signal_propagation.plot(series, str(out), title=f'signal propagation at initialisation ({mode} mode)')
+  title = 'signal propagation at initialisation (batch statistics'
+  title += ', with stochastic depth and dropout)' if _REGULARISERS.value else ')'
+  signal_propagation.plot(series, str(out), title=title)
   csv_path = out.with_suffix('.csv')
   csv_path.write_text(signal_propagation.csv_text(series))
   print(f'wrote {out} and {csv_path}')

@@ -122,6 +122,21 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     ablation.run_sweep(config, grid, str(tmp_path), train_fn=_fake_trainer([], []), say=lambda _: None)
 
 
+def test_each_trained_run_releases_its_compiled_programs(tmp_path, monkeypatch):
+  """On CPU each compiled program holds thousands of memory mappings; a sweep that kept them all would
+  pass Linux's per-process limit and segfault. Runs skipped as finished compile nothing."""
+  released = []
+  monkeypatch.setattr(ablation.jax, 'clear_caches', lambda: released.append(True))
+  grid = ablation.make_grid(['none'], [], [32], [0.5, 1.0, 2.0])
+  good = {'top1': 0.9, 'ema_top1': 0.9}
+  ablation.run_sweep(tiny_setup.tiny_config(), grid[:1], str(tmp_path), train_fn=_fake_trainer([good], []),
+                     say=lambda _: None)
+  assert len(released) == 1
+  ablation.run_sweep(tiny_setup.tiny_config(), grid, str(tmp_path), train_fn=_fake_trainer([good, good], []),
+                     say=lambda _: None)
+  assert len(released) == 3
+
+
 def test_a_sweep_writes_its_results_tables_and_plots_to_cloud_storage(monkeypatch):
   with fake_gcs.fake_gcs('sweeps') as env:
     for name, value in env.items():

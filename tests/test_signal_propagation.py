@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import haiku as hk
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import nfnet as nfnet_configs
+from configs import se_resnext as se_resnext_configs
 from nfnets import models
 from nfnets import signal_propagation
 from nfnets.errors import UserError
@@ -109,3 +111,47 @@ def test_bad_command_lines_fail_with_one_line(args, message, tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and message in result.stderr and result.stderr.count('\n') == 1, result.stderr
   assert not list(tmp_path.iterdir())
+
+
+def test_batch_normalised_blocks_use_the_batch_statistics_and_grow_by_their_residuals():
+  """SE-ResNeXt-D at initialisation, as the paper drew BN-ReLU ResNets: each residual branch ends near unit
+  variance (batch normalisation, not the empty moving averages) and the blocks of a stage add them up."""
+  config = se_resnext_configs.get_config('tiny').model.to_dict()
+  config['depths'] = DEPTHS
+  blocks, values, _ = signal_propagation.block_statistics(config, signal_propagation.gaussian_images(16, 32))
+  assert len(blocks) == sum(DEPTHS)
+  assert np.all((values['res_avg_var'] > 0.05) & (values['res_avg_var'] < 20)), values['res_avg_var']
+  growth = sum(values['avg_var'][i] - values['avg_var'][i - 1] for i in WITHIN_STAGE)
+  assert 0.5 < growth / sum(values['res_avg_var'][i] for i in WITHIN_STAGE) < 2, values
+
+
+def test_a_normaliser_free_model_measures_the_same_with_and_without_its_regularisers_off():
+  """Off, stochastic depth and dropout leave an NF model's training-mode pass equal to its inference pass."""
+  config = nfnet_configs.get_config('tiny').model.to_dict()
+  images = signal_propagation.gaussian_images(8, 32)
+  _, measured, _ = signal_propagation.block_statistics(config, images)
+  # The same initialisation: drawing stochastic depth's keys during init would shift the weights' keys.
+  forward = models.make_forward(dict(config, stochdepth_rate=0.0, drop_rate=0.0), 'float32', return_metrics=True)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(0))
+  params, state = forward.init(init_rng, images[:1], is_training=True)
+  inference, _ = forward.apply(params, state, None, images, is_training=False)
+  blocks = sorted(inference['signal_propagation'], key=signal_propagation.block_order)
+  np.testing.assert_allclose(measured['avg_var'], [inference['signal_propagation'][b]['avg_var'] for b in blocks],
+                             rtol=1e-5)
+  _, regularised, _ = signal_propagation.block_statistics(
+      dict(config, stochdepth_rate=0.5), images, regularisers=True)
+  assert not np.allclose(regularised['res_avg_var'], measured['res_avg_var'])
+
+
+def test_command_draws_nf_beside_bn_labelled_by_family(tmp_path):
+  out = tmp_path / 'nf_vs_bn.png'
+  result = subprocess.run(
+      [sys.executable, '-m', 'scripts.signal_propagation', '--config', 'configs/nfnet.py:tiny',
+       '--compare', 'configs/se_resnext.py:tiny', '--images=gaussian', '--num_images=8', '--out', str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  with open(out.with_suffix('.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert sorted({r['model'] for r in rows}) == ['nfnet tiny', 'se_resnext tiny']
+  bn_final = [float(r['avg_var']) for r in rows if r['model'] == 'se_resnext tiny'][-1]
+  assert 0.01 < bn_final < 100  # batch statistics: no blow-up (~1e9 with the empty moving averages)
