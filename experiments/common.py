@@ -51,10 +51,14 @@ def config_given() -> bool:
   return _GIVEN['config']
 
 
+def config_spec(flag_name: str = 'config') -> str:
+  """The config as given on the command line (or the default), `path[:arg]`, without its overrides."""
+  return config_flags.get_config_filename(flags.FLAGS[flag_name])
+
+
 def config_name(flag_name: str = 'config') -> str:
   """'tiny' for --config configs/nfnet.py:tiny; the file's stem when the config takes no argument."""
-  spec = config_flags.get_config_filename(flags.FLAGS[flag_name])
-  path, _, arg = spec.partition(':')
+  path, _, arg = config_spec(flag_name).partition(':')
   return (arg or os.path.splitext(os.path.basename(path))[0]).replace('+', 'plus')
 
 
