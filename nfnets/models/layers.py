@@ -4,7 +4,7 @@ Each block exists once here: the scaled weight-standardised convolution (and the
 baseline uses), the gamma-scaled activations, squeeze-excite, stochastic depth and the signal-propagation
 statistics. Model families (``nfnets.models.*``) only compose them.
 """
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import haiku as hk
 import jax
@@ -274,3 +274,29 @@ def signal_stats(output: jax.Array, residual: jax.Array) -> dict[str, jax.Array]
   """
   avg_sq_mean, avg_var = _channel_stats(output)
   return dict(avg_sq_mean=avg_sq_mean, avg_var=avg_var, res_avg_var=_channel_stats(residual)[1])
+
+
+def run_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, jax.Array]]], x: jax.Array, is_training: bool,
+               return_metrics: bool) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+  """Applies residual blocks (each returning its output and its residual branch) in order; with
+  `return_metrics`, also each block's `signal_stats` under its module name."""
+  signal = {}
+  for block in blocks:
+    x, residual = block(x, is_training)
+    if return_metrics:
+      signal[block.module_name] = signal_stats(x, residual)
+  return x, signal
+
+
+def pooled_classifier(features: jax.Array, linear: Callable[[jax.Array], jax.Array], *, drop_rate: float,
+                      is_training: bool, signal: dict[str, Any], return_metrics: bool):
+  """Global average pooling, dropout in training, then `linear`: the logits, or with `return_metrics` a dict
+  of 'logits', 'pooled_features' (before dropout) and 'signal_propagation'."""
+  pooled = jnp.mean(features, axis=(1, 2))
+  head_input = pooled
+  if is_training and drop_rate > 0:
+    head_input = hk.dropout(hk.next_rng_key(), drop_rate, pooled)
+  logits = linear(head_input)
+  if return_metrics:
+    return dict(logits=logits, pooled_features=pooled, signal_propagation=signal)
+  return logits

@@ -140,20 +140,10 @@ class NFRegNet(hk.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'NFRegNet expects NHWC RGB images, got shape {x.shape}.')
     x = self.initial_conv(x)
-    signal = {}
-    for block in self.blocks:
-      x, residual = block(x, is_training)
-      if return_metrics:
-        signal[block.module_name] = layers.signal_stats(x, residual)
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
     x = self.activation(self.final_conv(x))
-    pooled = jnp.mean(x, axis=(1, 2))
-    head_input = pooled
-    if is_training and self.drop_rate > 0:
-      head_input = hk.dropout(hk.next_rng_key(), self.drop_rate, pooled)
-    logits = self.linear(head_input)
-    if return_metrics:
-      return dict(logits=logits, pooled_features=pooled, signal_propagation=signal)
-    return logits
+    return layers.pooled_classifier(x, self.linear, drop_rate=self.drop_rate, is_training=is_training,
+                                    signal=signal, return_metrics=return_metrics)
 
 
 def default_model_config(variant: str = 'B0') -> ml_collections.ConfigDict:

@@ -128,19 +128,9 @@ class NFResNet(hk.Module):
       raise ValueError(f'NFResNet expects NHWC RGB images, got shape {x.shape}.')
     x = self.initial_conv(x)
     x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-    signal = {}
-    for block in self.blocks:
-      x, residual = block(x, is_training)
-      if return_metrics:
-        signal[block.module_name] = layers.signal_stats(x, residual)
-    pooled = jnp.mean(self.activation(x), axis=(1, 2))
-    head_input = pooled
-    if is_training and self.drop_rate > 0:
-      head_input = hk.dropout(hk.next_rng_key(), self.drop_rate, pooled)
-    logits = self.linear(head_input)
-    if return_metrics:
-      return dict(logits=logits, pooled_features=pooled, signal_propagation=signal)
-    return logits
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
+    return layers.pooled_classifier(self.activation(x), self.linear, drop_rate=self.drop_rate,
+                                    is_training=is_training, signal=signal, return_metrics=return_metrics)
 
 
 def default_model_config(variant: str = 'ResNet50') -> ml_collections.ConfigDict:

@@ -173,21 +173,10 @@ class NFNet(hk.Module):
       x = stem_conv(x)
       if i < len(self.stem) - 1:
         x = self.activation(x)
-    signal = {}
-    for block in self.blocks:
-      x, residual = block(x, is_training)
-      if return_metrics:
-        signal[block.module_name] = layers.signal_stats(x, residual)
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
     x = self.activation(self.final_conv(x))
-    pooled = jnp.mean(x, axis=(1, 2))
-    if is_training and self.drop_rate > 0:
-      pooled_for_head = hk.dropout(hk.next_rng_key(), self.drop_rate, pooled)
-    else:
-      pooled_for_head = pooled
-    logits = self.linear(pooled_for_head)
-    if return_metrics:
-      return dict(logits=logits, pooled_features=pooled, signal_propagation=signal)
-    return logits
+    return layers.pooled_classifier(x, self.linear, drop_rate=self.drop_rate, is_training=is_training,
+                                    signal=signal, return_metrics=return_metrics)
 
 
 # ---- Reading the reference checkpoints' trees (module names as in the published F*_haiku.npz files). ----

@@ -170,20 +170,10 @@ class SEResNeXtD(hk.Module):
     for conv, norm in zip(self.stem[:-1], self.stem_norms):
       x = self.activation(norm(conv(x), is_training))
     x = self.stem[-1](x)
-    signal = {}
-    for block in self.blocks:
-      x, residual = block(x, is_training)
-      if return_metrics:
-        signal[block.module_name] = layers.signal_stats(x, residual)
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
     x = self.activation(self.final_norm(self.final_conv(x), is_training))
-    pooled = jnp.mean(x, axis=(1, 2))
-    head_input = pooled
-    if is_training and self.drop_rate > 0:
-      head_input = hk.dropout(hk.next_rng_key(), self.drop_rate, pooled)
-    logits = self.linear(head_input)
-    if return_metrics:
-      return dict(logits=logits, pooled_features=pooled, signal_propagation=signal)
-    return logits
+    return layers.pooled_classifier(x, self.linear, drop_rate=self.drop_rate, is_training=is_training,
+                                    signal=signal, return_metrics=return_metrics)
 
 
 def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
