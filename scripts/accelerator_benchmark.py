@@ -13,14 +13,14 @@ passed on to every run. Any other failure stops the sweep with that run's last e
 import json
 import subprocess
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from absl import flags
 from etils import epath
 
 from experiments import common
-from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from scripts import step_benchmark
 
 _CONFIG = common.define_config_flag('The config whose train step is timed.',
                                    default=f'{common.REPO_ROOT}/configs/nfnet.py:F0')
@@ -33,18 +33,6 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _OUT = flags.DEFINE_string('out', None, 'Also append every JSON line to this file (local or gs://).')
 _TIMEOUT = flags.DEFINE_integer('timeout_s', 900, 'Seconds one batch size may take.')
 
-OUT_OF_MEMORY_MARKERS = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory', 'OOM')
-
-
-def batch_sizes(values: Sequence[str]) -> list[int]:
-  try:
-    sizes = [int(v) for v in values]
-  except ValueError:
-    raise ConfigError(f'--batches must be integers, got {",".join(values)}') from None
-  if not sizes or any(b < 1 for b in sizes) or sizes != sorted(set(sizes)):
-    raise ConfigError(f'--batches must be positive and increasing, got {",".join(values)}')
-  return sizes
-
 
 def run_command(batch: int) -> list[str]:
   """The `scripts.benchmark train` command line for one batch size, with this command's config and overrides."""
@@ -55,40 +43,10 @@ def run_command(batch: int) -> list[str]:
   return command + [arg for arg in sys.argv[1:] if arg.startswith('--config.')]
 
 
-def summary(fitted: list[dict[str, Any]], too_large: Optional[int]) -> dict[str, Any]:
-  best = max(fitted, key=lambda r: r['images_per_s']) if fitted else None
-  return {
-      'summary': 'accelerator_benchmark',
-      'batches_fitted': [r['batch_size'] for r in fitted],
-      'first_batch_not_fitting': too_large,
-      'best': None if best is None else {k: best[k] for k in (
-          'batch_size', 'dtype', 'resolution', 'device', 'step_s_median', 'images_per_s', 'mfu',
-          'achieved_flops_per_s', 'peak_matmul_flops_per_s', 'compile_s')},
-  }
-
-
-def sweep(sizes: Sequence[int], run_one: Callable[[int], subprocess.CompletedProcess],
-          emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-  """Runs `run_one` for each batch size until one does not fit; emits each run's record, returns the summary."""
-  fitted, too_large = [], None
-  for batch in sizes:
-    result = run_one(batch)
-    if result.returncode != 0:
-      if any(marker in result.stderr for marker in OUT_OF_MEMORY_MARKERS):
-        too_large = batch
-        break
-      last = (result.stderr.strip().splitlines() or ['(no output)'])[-1]
-      raise UserError(f'batch {batch} failed: {last}')
-    record = json.loads(result.stdout.strip().splitlines()[-1])
-    fitted.append(record)
-    emit(record)
-  return summary(fitted, too_large)
-
-
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  sizes = batch_sizes(_BATCHES.value)
+  sizes = step_benchmark.batch_sizes(_BATCHES.value)
   _CONFIG.value  # pylint: disable=pointless-statement  (a config that fails to load is refused before any run)
   out = epath.Path(_OUT.value) if _OUT.value else None
 
@@ -106,7 +64,7 @@ def main(argv):
     except subprocess.TimeoutExpired:
       raise UserError(f'batch {batch} ran past --timeout_s={_TIMEOUT.value}') from None
 
-  emit(sweep(sizes, run_one, emit))
+  emit(step_benchmark.sweep_batch_sizes(sizes, run_one, emit))
 
 
 if __name__ == '__main__':
