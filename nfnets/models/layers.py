@@ -100,56 +100,6 @@ def standardize_weight(weight: jax.Array, gain: jax.Array, eps: float = 1e-4) ->
   return (weight * scale - mean * scale).reshape(shape)
 
 
-class WSConv2D(hk.Module):
-  """2D convolution with scaled weight standardisation (NHWC inputs, HWIO kernel).
-
-  Parameters: 'w' [k, k, in/groups, out], 'gain' [out] (init 1), 'bias' [out] (init 0).
-  The standardised kernel is computed in float32 from the float32 parameter even under a
-  `hk.mixed_precision` policy (whose getter would otherwise hand this module a bf16 copy), then
-  cast to the input's dtype.
-  """
-
-  def __init__(self,
-               output_channels: int,
-               kernel_shape: int | Sequence[int],
-               stride: int = 1,
-               feature_group_count: int = 1,
-               grouped_conv: str = 'auto',
-               name: str | None = None):
-    super().__init__(name=name)
-    self.output_channels = output_channels
-    self.kernel_shape = (tuple(kernel_shape) if isinstance(kernel_shape, Sequence)
-                         else (kernel_shape, kernel_shape))
-    self.stride = stride
-    self.feature_group_count = feature_group_count
-    self.grouped_conv = resolve_grouped_conv(grouped_conv, feature_group_count)
-    if output_channels % feature_group_count:
-      raise ValueError(f'output_channels={output_channels} is not divisible by '
-                       f'feature_group_count={feature_group_count}.')
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    in_channels = x.shape[-1]
-    groups = self.feature_group_count
-    if in_channels % groups:
-      raise ValueError(f'{in_channels} input channels are not divisible by {groups} groups.')
-    w_shape = (*self.kernel_shape, in_channels // groups, self.output_channels)
-    w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
-    w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
-    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32, init=jnp.ones)
-    bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32, init=jnp.zeros)
-    if hk.mixed_precision.current_policy() is not None:
-      w, gain = self._master_copies(w, gain)
-    kernel = standardize_weight(w, gain).astype(x.dtype)
-    out = convolve(x, kernel, self.stride, self.feature_group_count, self.grouped_conv)
-    return out + bias.astype(out.dtype)
-
-  def _master_copies(self, w, gain):
-    """The un-cast parameters, bypassing the mixed-precision getter's cast to compute dtype."""
-    own = hk.get_params().get(self.module_name)
-    if own is None or 'w' not in own:
-      return w, gain
-    return own['w'], own['gain']
-
 def convolve(x: jax.Array, kernel: jax.Array, stride: int, groups: int, grouped_conv: str) -> jax.Array:
   """NHWC x HWIO 'SAME' convolution, a grouped one executed as `grouped_conv` says (see `resolve_grouped_conv`)."""
   conv = lambda lhs, rhs, g: jax.lax.conv_general_dilated(
@@ -197,7 +147,8 @@ def _shifted_grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, groups: 
 class Conv2D(hk.Module):
   """Plain 2D convolution without bias (NHWC inputs, HWIO kernel 'w'), for layers followed by a normaliser.
 
-  Same initialisation and grouped-conv execution as `WSConv2D`, so the two differ only by the standardisation.
+  `WSConv2D` extends it, so the two share initialisation and grouped-conv execution and differ only by the
+  standardisation.
   """
 
   def __init__(self,
@@ -218,14 +169,46 @@ class Conv2D(hk.Module):
       raise ValueError(f'output_channels={output_channels} is not divisible by '
                        f'feature_group_count={feature_group_count}.')
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def _weight(self, x: jax.Array) -> jax.Array:
+    """The kernel parameter 'w' [k, k, in/groups, out] for input `x` (fan-in normal initialisation)."""
     groups = self.feature_group_count
     if x.shape[-1] % groups:
       raise ValueError(f'{x.shape[-1]} input channels are not divisible by {groups} groups.')
     w_shape = (*self.kernel_shape, x.shape[-1] // groups, self.output_channels)
     w_init = hk.initializers.VarianceScaling(1.0, 'fan_in', 'normal')
-    w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
-    return convolve(x, w.astype(x.dtype), self.stride, groups, self.grouped_conv)
+    return hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
+
+  def _convolve(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return convolve(x, kernel, self.stride, self.feature_group_count, self.grouped_conv)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self._convolve(x, self._weight(x).astype(x.dtype))
+
+
+class WSConv2D(Conv2D):
+  """2D convolution with scaled weight standardisation (NHWC inputs, HWIO kernel).
+
+  Parameters: 'w' [k, k, in/groups, out], 'gain' [out] (init 1), 'bias' [out] (init 0).
+  The standardised kernel is computed in float32 from the float32 parameter even under a
+  `hk.mixed_precision` policy (whose getter would otherwise hand this module a bf16 copy), then
+  cast to the input's dtype.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self._weight(x)
+    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32, init=jnp.ones)
+    bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32, init=jnp.zeros)
+    if hk.mixed_precision.current_policy() is not None:
+      w, gain = self._master_copies(w, gain)
+    out = self._convolve(x, standardize_weight(w, gain).astype(x.dtype))
+    return out + bias.astype(out.dtype)
+
+  def _master_copies(self, w, gain):
+    """The un-cast parameters, bypassing the mixed-precision getter's cast to compute dtype."""
+    own = hk.get_params().get(self.module_name)
+    if own is None or 'w' not in own:
+      return w, gain
+    return own['w'], own['gain']
 
 
 class SqueezeExcite(hk.Module):
