@@ -19,6 +19,7 @@ from absl import flags
 from etils import epath
 
 from experiments import common
+from nfnets import files
 from nfnets.errors import UserError
 from scripts import step_benchmark
 
@@ -49,13 +50,15 @@ def main(argv):
   sizes = step_benchmark.batch_sizes(_BATCHES.value)
   _CONFIG.value  # pylint: disable=pointless-statement  (a config that fails to load is refused before any run)
   out = epath.Path(_OUT.value) if _OUT.value else None
+  written = out.read_text() if out is not None and out.exists() else ''
 
   def emit(record: dict[str, Any]) -> None:
+    nonlocal written
     line = json.dumps(record)
     print(line, flush=True)
-    if out is not None:
-      previous = out.read_text() if out.exists() else ''
-      out.write_text(previous + line + '\n')
+    if out is not None:  # object stores cannot append: the file is rewritten whole, as metrics.jsonl is
+      written += line + '\n'
+      files.write_atomic(out, written)
 
   def run_one(batch: int) -> subprocess.CompletedProcess:
     try:
