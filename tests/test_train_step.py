@@ -6,6 +6,8 @@ import numpy as np
 import optax
 
 from nfnets import distributed
+from nfnets import losses
+from nfnets import optim
 from nfnets import train_step as train_step_lib
 from nfnets import train_state
 from nfnets import trainer
@@ -57,6 +59,45 @@ def test_two_devices_match_one_device_with_the_whole_batch():
   assert not np.allclose(state.params['NFNet/~/linear']['w'], two.params['NFNet/~/linear']['w'])
   skip_gains = [v['skip_gain'] for v in two.params.values() if 'skip_gain' in v]
   assert skip_gains and all(np.all(g != 0) for g in skip_gains)
+
+
+def test_a_step_applies_exactly_the_recipe_to_the_gradient_of_the_loss():
+  """The step's bookkeeping (finiteness flag, selects, device means, metrics) must not change what it
+  computes: the same weights, optimizer state and EMA as the recipe written out directly."""
+  config = tiny_setup.tiny_config()
+  setup = trainer.setup_training(config, tiny_setup.DIGITS_TRAIN_EXAMPLES)
+  _, state, step_fn = _setup(config)
+  # From the second step on: the learning rate warms up from 0 at step 0.
+  state, _ = _run(step_fn, state, [_batch(1, 2 * PER_DEVICE, seed=3)], jax.local_devices()[:1])
+  batch = _batch(1, 2 * PER_DEVICE, seed=4)
+  stepped, metrics = _run(step_fn, state, [batch], jax.local_devices()[:1])
+
+  images, labels = batch['images'][0], batch['labels'][0]
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+
+  def loss_fn(params):
+    logits, _ = setup.forward.apply(params, state.model_state, rng, images, is_training=True)
+    return losses.softmax_cross_entropy(logits.astype(jnp.float32), labels,
+                                        label_smoothing=config.loss.label_smoothing)
+
+  @jax.jit
+  def recipe(params, opt_state, ema_params):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = setup.optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ema = optim.update_ema(ema_params, params, state.step, config.optimizer.ema_decay)
+    return loss, optax.tree.norm(grads), params, opt_state, ema
+
+  loss, grad_norm, params, opt_state, ema = recipe(state.params, state.opt_state, state.ema_params)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
+  np.testing.assert_allclose(metrics['grad_norm'], grad_norm, rtol=1e-5)
+  for got, want in ((stepped.params, params), (stepped.opt_state, opt_state), (stepped.ema_params, ema)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert int(stepped.step) == 2 and int(stepped.nonfinite_streak) == 0
+  assert float(metrics['learning_rate']) > 0
+  assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(params)[0])
 
 
 def test_metrics_report_lr_agc_and_accuracy():
@@ -148,27 +189,29 @@ def test_uint8_batches_are_normalised_in_the_step_exactly_as_on_the_host():
     np.testing.assert_array_equal(a, b)
 
 
-def test_all_finite_sees_every_leaf_of_every_tree():
-  trees = ({'a': np.ones(3, np.float32), 'b': np.ones((2, 2), np.float32)}, np.float32(2.0))
-  assert bool(train_step_lib.all_finite(*trees))
+def test_sum_of_squares_sees_every_leaf_and_turns_nonfinite_with_any_of_them():
+  tree = {'a': np.full(3, 2.0, np.float32), 'b': np.ones((2, 2), np.float32), 'c': np.float32(3.0)}
+  assert float(train_step_lib.sum_of_squares(tree)) == 3 * 4.0 + 4 * 1.0 + 9.0
+  assert float(train_step_lib.sum_of_squares({})) == 0.0
   for bad in (np.nan, np.inf, -np.inf):
-    with_bad_leaf = ({'a': np.ones(3, np.float32), 'b': np.array([[1, 1], [1, bad]], np.float32)}, trees[1])
-    assert not bool(train_step_lib.all_finite(*with_bad_leaf))
-    assert not bool(train_step_lib.all_finite(trees[0], np.float32(bad)))
+    for leaf in ('b', 'c'):
+      poisoned = dict(tree, **{leaf: np.array(tree[leaf]).copy()})
+      poisoned[leaf].reshape(-1)[-1] = bad
+      assert not np.isfinite(float(train_step_lib.sum_of_squares(poisoned)))
 
 
-def test_selecting_many_leaves_on_the_finiteness_flag_compiles_to_linear_size():
-  """The step selects each of its hundreds of state leaves on one flag. Combined by a plain reduction,
-  XLA CPU copied that reduction into every select (quadratic program size: the F0 step compiled for
-  minutes); the flag must be computed once."""
+def test_selecting_many_leaves_on_the_agreed_flag_compiles_to_linear_size():
+  """The step selects each of its hundreds of state leaves on one flag computed from a reduction per
+  gradient leaf. Without `agreed`, XLA CPU copied those reductions into every select (quadratic program
+  size: the F0 step compiled for minutes); the flag must be computed once."""
 
   def compiled_size(num_leaves):
-    leaves = [jax.ShapeDtypeStruct((16, 8), jnp.float32)] * num_leaves
+    leaves = [jax.ShapeDtypeStruct((1, 16, 8), jnp.float32)] * num_leaves
 
     def select_all(new, old):
-      finite = train_step_lib.all_finite(new)
-      return [jnp.where(finite, n, o) for n, o in zip(new, old)]
+      finite = train_step_lib.agreed(jnp.isfinite(train_step_lib.sum_of_squares(new)), 'batch')
+      return train_step_lib.select_tree(finite, new, old)
 
-    return len(jax.jit(select_all).lower(leaves, leaves).compile().as_text())
+    return len(jax.pmap(select_all, axis_name='batch').lower(leaves, leaves).compile().as_text())
 
   assert compiled_size(120) < 6 * compiled_size(30)  # 4x the leaves; quadratic growth gave ~14x
