@@ -46,6 +46,7 @@ def data_config() -> ml_collections.ConfigDict:
       mix='mixup_cutmix',         # 'mixup_cutmix' | 'none'
       mixup_alpha=0.2,
       num_workers=8,              # grain decoding processes per host; 0 decodes in the main process
+      device_prefetch=2,          # training batches copied to the devices ahead of their step; 0: none
   ))
 
 

@@ -34,13 +34,24 @@ def replicate(tree, axis_name: str, devices=None):
   """Copies a host (or single-device) tree onto every local device, stacked on a leading device axis.
 
   The result is what `jax.pmap(..., axis_name=axis_name)` takes for an argument that is the same on every
-  device. The mesh axis must carry the pmap's axis name: pmap's outputs are laid out on such a mesh, and
-  an input laid out on any other would make the second call compile the whole step again.
+  device.
+  """
+  devices = list(devices or jax.local_devices())
+  return shard(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree),
+               axis_name, devices)
+
+
+def shard(tree, axis_name: str, devices=None):
+  """Places each leaf's leading axis (one entry per local device) across the local devices.
+
+  The result is what `jax.pmap(..., axis_name=axis_name)` takes for a per-device argument (e.g. a batch
+  shaped [local_devices, per_device, ...]). The mesh axis must carry the pmap's axis name: pmap's outputs
+  are laid out on such a mesh, and an input laid out on any other would make the second call compile the
+  whole step again.
   """
   devices = list(devices or jax.local_devices())
   sharding = NamedSharding(Mesh(np.array(devices), (axis_name,)), PartitionSpec(axis_name))
-  return jax.tree.map(
-      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), sharding), tree)
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
 def unreplicate(tree):

@@ -26,6 +26,7 @@ from nfnets import optim
 from nfnets import preemption
 from nfnets import train_state as train_state_lib
 from nfnets import train_step as train_step_lib
+from nfnets.data import device_prefetch
 from nfnets.data import pipeline
 from nfnets.data import sources
 from nfnets.errors import ConfigError
@@ -133,6 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   total_steps = setup.total_steps
   train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.train.batch_size,
                                             seed=config.seed, num_classes=info.num_classes)
+  if config.data.device_prefetch > 0:
+    train_iter = device_prefetch.DevicePrefetch(train_iter, config.data.device_prefetch,
+                                                train_step_lib.AXIS_NAME)
 
   # Nothing is written before the data, the config and any checkpoint to start from have proven usable.
   new_checkpointer = lambda: checkpoint.TrainingCheckpointer(
@@ -163,33 +167,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
     if checkpointer.wants(step, force):  # copying the state off the devices is not free: only when saving
       checkpointer.save(distributed.unreplicate(replicated), train_iter, meta, force=force)
 
-  def check_finite(step_metrics, at_step: int) -> None:
-    streak = int(step_metrics['nonfinite_streak'][0])
-    if streak == 0:
-      return
-    say(f'step {at_step}: non-finite loss or gradient, update skipped ({streak} in a row)', flush=True)
-    if streak >= config.train.max_consecutive_nonfinite:
-      raise TrainingError(
-          f'{streak} consecutive non-finite losses or gradients at step {at_step}; stopped. '
-          f'The last good checkpoint (step {checkpointer.latest_step()}) is intact')
+  # Each step's non-finite streak stays on the devices until the loop reads its metrics anyway (logging)
+  # or is about to write or evaluate the state, so the host never waits on a step just to check it.
+  unchecked_streaks: list[tuple[int, jax.Array]] = []
+
+  def check_finite() -> None:
+    streaks = jax.device_get([streak for _, streak in unchecked_streaks])
+    steps = [at_step for at_step, _ in unchecked_streaks]
+    unchecked_streaks.clear()
+    for at_step, streak in zip(steps, streaks):
+      streak = int(streak[0])
+      if streak == 0:
+        continue
+      say(f'step {at_step}: non-finite loss or gradient, update skipped ({streak} in a row)', flush=True)
+      if streak >= config.train.max_consecutive_nonfinite:
+        raise TrainingError(
+            f'{streak} consecutive non-finite losses or gradients at step {at_step}; stopped. '
+            f'The last good checkpoint (step {checkpointer.latest_step()}) is intact')
+
+  def evaluating(at_step: int) -> bool:
+    return config.train.eval_every_steps > 0 and at_step % config.train.eval_every_steps == 0
 
   results: dict[str, float] = {}
   try:
     with preemption.Watcher() as preempted:
       window_start, window_steps = time.time(), 0
-      pending_check = None
+      first_step = True
       while step < total_steps:
         replicated, metrics = p_train_step(replicated, next(train_iter))
         step += 1
         window_steps += 1
-        if window_steps == 1 and pending_check is None:
+        unchecked_streaks.append((step, metrics['nonfinite_streak']))
+        if first_step:
           # Keep the first step's compilation out of the throughput and ETA.
           jax.block_until_ready(metrics)
-          window_start, window_steps = time.time(), 0
-        # Read the previous step's streak after dispatching this one, so the host never idles the devices.
-        if pending_check is not None:
-          check_finite(*pending_check)
-        pending_check = (metrics, step)
+          window_start, window_steps, first_step = time.time(), 0, False
+        stopping = preempted.reached(step) or step == stop_after_step
         if step % config.train.log_every_steps == 0 or step == total_steps:
           metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
           elapsed = time.time() - window_start
@@ -200,16 +213,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
               f'| lr {metrics["learning_rate"]:.4g} | {metrics["images_per_sec"]:.0f} img/s '
               f'| ETA {_format_eta(eta)}', flush=True)
           window_start, window_steps = time.time(), 0
-        if preempted.reached(step) or step == stop_after_step:
-          check_finite(*pending_check)
+          check_finite()  # after the log line, which shows this step's metrics whatever they are
+        if stopping or checkpointer.wants(step) or evaluating(step):
+          check_finite()
+        if stopping:
           save(force=True)
           say(f'checkpointed step {step} and stopped (preemption); rerun the same command to resume')
           return results
         save()
-        if config.train.eval_every_steps > 0 and step % config.train.eval_every_steps == 0:
+        if evaluating(step):
           writer.write(step, run_eval(replicated), prefix='eval/')
-      if pending_check is not None:
-        check_finite(*pending_check)
+      check_finite()
     save(force=True)
     results = run_eval(replicated)
     writer.write(step, results, prefix='eval/')

@@ -127,8 +127,11 @@ def test_sigterm_checkpoints_and_stops_and_the_rerun_finishes_the_same(uninterru
     _intercept_train_batches(patch, 7, preempt)
     assert trainer.train_and_evaluate(tiny_config(), workdir) == {}
   assert signal.getsignal(signal.SIGTERM) == handler_before
+  # The signal comes as the host reads batch 7, which the device prefetch does while step 6 runs
+  # (batch 7 is the second batch queued ahead of it).
+  assert tiny_config().data.device_prefetch == 2
   assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
-                                         keep=3).latest_step() == 7
+                                         keep=3).latest_step() == 6
   assert trainer.train_and_evaluate(tiny_config(), workdir) == uninterrupted[1]
 
 
@@ -144,6 +147,23 @@ def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_p
                                          keep=3).latest_step() == 10
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final_weights(workdir)))
   assert [v for s, v in _logged(workdir, 'train/finite') if s in (10, 15)] == [1.0, 0.0]
+
+
+def test_the_streak_is_read_between_log_steps_only_when_the_state_is_saved(tmp_path, monkeypatch, capsys):
+  # No log line between steps 10 and 30: the streak that reaches the limit at step 15 is found when step 20
+  # is about to be checkpointed, reported at the step where it happened, and step 20 is not written.
+  _intercept_train_batches(monkeypatch, 13, _with_a_nan_target)
+  config = tiny_config()
+  config.train.max_consecutive_nonfinite = 3
+  config.train.log_every_steps = 10
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(errors.TrainingError, match='3 consecutive non-finite losses or gradients at step 15'):
+    trainer.train_and_evaluate(config, workdir)
+  assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
+                                         keep=3).latest_step() == 10
+  printed = capsys.readouterr().out
+  assert 'step 13: non-finite loss or gradient, update skipped (1 in a row)' in printed
+  assert 'step 16:' not in printed  # stopped at the first step that reached the limit
 
 
 def test_a_workdir_of_another_run_is_refused(uninterrupted):
