@@ -62,6 +62,15 @@ def test_grain_checkpoints_write_the_host_iterators_own_file(tmp_path):
   assert int(next(restored)['x'][0, 0]) == 4
 
 
+def test_a_finite_host_iterator_ends_after_its_last_batch():
+  devices = jax.local_device_count()
+  host = iter(grain.MapDataset.range(5).map(lambda i: {'x': np.full((devices, 3), i)}).to_iter_dataset())
+  prefetched = device_prefetch.DevicePrefetch(host, 3, train_step_lib.AXIS_NAME)
+  assert [int(b['x'][0, 0]) for b in prefetched] == [0, 1, 2, 3, 4]
+  with pytest.raises(StopIteration):
+    next(prefetched)
+
+
 def test_a_queue_of_no_batches_is_refused():
   with pytest.raises(ValueError, match='at least 1'):
     device_prefetch.DevicePrefetch(_host_iterator(), 0, train_step_lib.AXIS_NAME)

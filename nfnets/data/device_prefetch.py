@@ -17,7 +17,7 @@ class DevicePrefetch:
   """Iterates `host_iterator`'s batches placed on the local devices, keeping `size` batches queued there.
 
   Each batch is laid out as `distributed.shard` lays it (leading axis across the local devices), what the
-  pmapped train step takes, so the copy of batch s + 1 overlaps step s. `get_state`/`set_state` speak the
+  pmapped train step takes; later batches are copied while earlier steps run. `get_state`/`set_state` speak the
   protocol of `grain.checkpoint` for iterators of its own kind (the host iterator's JSON state as bytes),
   so checkpoints hold the same file either way.
   """
@@ -30,6 +30,7 @@ class DevicePrefetch:
     self._axis_name = axis_name
     self._devices = devices
     self._queue: collections.deque = collections.deque()  # (host position before the batch; batch on devices)
+    self._host_exhausted = False
 
   def __iter__(self) -> 'DevicePrefetch':
     return self
@@ -38,13 +39,19 @@ class DevicePrefetch:
     # Refilled on entry, not before returning: the caller dispatches its step with this batch first, and
     # the host's next batches are then read and copied while that step runs.
     self._fill()
+    if not self._queue:
+      raise StopIteration
     return self._queue.popleft()[1]
 
   def _fill(self) -> None:
-    while len(self._queue) < self._size:
+    while len(self._queue) < self._size and not self._host_exhausted:
       position = self._host_position()
-      batch = distributed.shard(next(self._host), self._axis_name, self._devices)
-      self._queue.append((position, batch))
+      try:
+        host_batch = next(self._host)
+      except StopIteration:  # a finite host iterator: hand out what is queued, then stop
+        self._host_exhausted = True
+        return
+      self._queue.append((position, distributed.shard(host_batch, self._axis_name, self._devices)))
 
   def _host_position(self) -> bytes:
     """The host iterator's state as grain's checkpoint handler would write it (a snapshot: bytes)."""
@@ -59,6 +66,7 @@ class DevicePrefetch:
 
   def set_state(self, state: bytes) -> None:
     self._queue.clear()
+    self._host_exhausted = False
     self._host.set_state(json.loads(state) if isinstance(self._host, grain.DatasetIterator) else state)
 
   def start_prefetch(self) -> None:
