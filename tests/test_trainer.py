@@ -135,10 +135,16 @@ def test_sigterm_checkpoints_and_stops_and_the_rerun_finishes_the_same(uninterru
   assert trainer.train_and_evaluate(tiny_config(), workdir) == uninterrupted[1]
 
 
-def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('log_every_steps', [5, 10])
+def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                           log_every_steps):
+  # Batches 13 on are poisoned; the streak reaches the limit of 3 at step 15. Logging every 10 steps, the
+  # loop reads no streak between steps 10 and 20: it finds it when step 20 is about to be checkpointed,
+  # names the step where it happened, and does not write step 20.
   _intercept_train_batches(monkeypatch, 13, _with_a_nan_target)
   config = tiny_config()
   config.train.max_consecutive_nonfinite = 3
+  config.train.log_every_steps = log_every_steps
   workdir = str(tmp_path / 'nan')
   with pytest.raises(errors.TrainingError, match='3 consecutive non-finite losses or gradients at step 15'):
     trainer.train_and_evaluate(config, workdir)
@@ -146,21 +152,8 @@ def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_p
   assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
                                          keep=3).latest_step() == 10
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final_weights(workdir)))
-  assert [v for s, v in _logged(workdir, 'train/finite') if s in (10, 15)] == [1.0, 0.0]
-
-
-def test_the_streak_is_read_between_log_steps_only_when_the_state_is_saved(tmp_path, monkeypatch, capsys):
-  # No log line between steps 10 and 30: the streak that reaches the limit at step 15 is found when step 20
-  # is about to be checkpointed, reported at the step where it happened, and step 20 is not written.
-  _intercept_train_batches(monkeypatch, 13, _with_a_nan_target)
-  config = tiny_config()
-  config.train.max_consecutive_nonfinite = 3
-  config.train.log_every_steps = 10
-  workdir = str(tmp_path / 'nan')
-  with pytest.raises(errors.TrainingError, match='3 consecutive non-finite losses or gradients at step 15'):
-    trainer.train_and_evaluate(config, workdir)
-  assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
-                                         keep=3).latest_step() == 10
+  logged = [v for s, v in _logged(workdir, 'train/finite') if s in (10, 15)]
+  assert logged == ([1.0, 0.0] if log_every_steps == 5 else [1.0])
   printed = capsys.readouterr().out
   assert 'step 13: non-finite loss or gradient, update skipped (1 in a row)' in printed
   assert 'step 16:' not in printed  # stopped at the first step that reached the limit
