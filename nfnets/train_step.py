@@ -64,9 +64,9 @@ def normalize_images(images: jax.Array) -> jax.Array:
 def sum_of_squares(tree) -> jax.Array:
   """The float32 sum of the squares of every element of `tree` (0 for an empty tree).
 
-  It is non-finite when any element is, so one reduction yields both the gradient norm and the
-  finiteness check (and it also fails for gradients so large, above ~1e19, that their squares overflow,
-  which no usable update has).
+  It is non-finite when any element is, so the same reductions (one per leaf) give both the gradient
+  norm and the finiteness test; it also fails for gradients so large (above ~1e19) that their squares
+  overflow, which no usable update has.
   """
   per_leaf = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
   if not per_leaf:
@@ -140,7 +140,8 @@ def make_train_step(forward: hk.TransformedWithState,
     grads, loss, (logits, model_state) = averaged_grads(state.params, state.model_state, rng, batch)
 
     # Every device sees the same averaged loss and gradients, so all of them take the same decision. A
-    # finite sum of squared gradients also bounds the update, so the new weights cannot overflow.
+    # finite sum of squared gradients also bounds every gradient below ~1e19, so with any sane learning rate
+    # the new weights are finite too and need no check of their own.
     grad_sum_of_squares = sum_of_squares(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_sum_of_squares)
 
