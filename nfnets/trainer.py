@@ -203,7 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
           jax.block_until_ready(metrics)
           window_start, window_steps, first_step = time.time(), 0, False
         stopping = preempted.reached(step) or step == stop_after_step
-        if step % config.train.log_every_steps == 0 or step == total_steps:
+        log_now = step % config.train.log_every_steps == 0 or step == total_steps
+        if log_now:
           metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
           elapsed = time.time() - window_start
           metrics['images_per_sec'] = window_steps * config.train.batch_size / max(elapsed, 1e-9)
@@ -213,8 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
               f'| lr {metrics["learning_rate"]:.4g} | {metrics["images_per_sec"]:.0f} img/s '
               f'| ETA {_format_eta(eta)}', flush=True)
           window_start, window_steps = time.time(), 0
-          check_finite()  # after the log line, which shows this step's metrics whatever they are
-        if stopping or checkpointer.wants(step) or evaluating(step):
+        # After the log line, which shows this step's metrics whatever they are.
+        if log_now or stopping or checkpointer.wants(step) or evaluating(step):
           check_finite()
         if stopping:
           save(force=True)
