@@ -85,23 +85,32 @@ def base_config(model_name: str, variant: str) -> ml_collections.ConfigDict:
   return config
 
 
-def digits_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Sets `config` (any family's) to train on the bundled digits dataset in minutes on a CPU; returns it.
+def use_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Points `config` at the bundled digits dataset with the augmentations that suit it; returns it.
 
-  The model stays the caller's to shrink (and to give 10 classes); so do the family's optimiser numbers.
+  Resolution, RandAugment and the rest of the recipe stay the caller's.
   """
   config.model.num_classes = 10
   config.data.name = 'digits'
   config.data.train_split = 'train'
   config.data.eval_split = 'test'
+  config.data.crop_min_area = 0.6
+  config.data.flip = False           # a mirrored digit is a different symbol
+  config.data.mix = 'none'
+  return config
+
+
+def digits_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets `config` (any family's) to train on the bundled digits dataset in minutes on a CPU; returns it.
+
+  The model stays the caller's to shrink (and to give 10 classes); so do the family's optimiser numbers.
+  """
+  use_digits(config)
   config.data.train_resolution = 32
   config.data.eval_resolution = 32
   config.data.eval_resize_margin = 0
-  config.data.crop_min_area = 0.6
-  config.data.flip = False           # a mirrored digit is a different symbol
   config.data.randaugment_layers = 1
   config.data.randaugment_magnitude = 3.0
-  config.data.mix = 'none'
   config.data.num_workers = 0
 
   config.train.batch_size = 64

@@ -28,6 +28,7 @@ decay (the weights start where they should be, not at zero), a faster EMA.
 """
 import ml_collections
 
+from configs import common
 from configs import nfnet as nfnet_configs
 
 # Relative to the pre-training recipe's base learning rate (per 256 examples).
@@ -41,15 +42,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
       # stays bitwise as loaded.
       freeze_backbone=False,
   ))
-  config.model.num_classes = 10
-
-  config.data.name = 'digits'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'test'
-  config.data.flip = False
-  config.data.crop_min_area = 0.6
+  common.use_digits(config)
   config.data.randaugment_layers = 0
-  config.data.mix = 'none'
 
   config.optimizer.base_learning_rate *= LEARNING_RATE_FACTOR
   config.optimizer.weight_decay = 0.0
