@@ -92,8 +92,9 @@ def pack_code(local_dir: str, destination: str) -> int:
 
 
 def check_jax_pin(requirements_file: str, jax_version: str) -> None:
-  """Refuses a JAX version that the code's requirements.txt excludes: pip on the workers would fail on the
-  conflict after minutes of installing, on every worker."""
+  """Refuses a JAX version that the code's requirements.txt excludes (for jax, or for jaxlib, which
+  jax[tpu] pins to the same release): pip on the workers would fail on the conflict after minutes of
+  installing, on every worker."""
   try:
     with open(requirements_file) as f:
       lines = f.read().splitlines()
@@ -103,10 +104,14 @@ def check_jax_pin(requirements_file: str, jax_version: str) -> None:
     line = line.split('#')[0].strip()
     if not line or line.startswith('-'):
       continue
-    requirement = requirements.Requirement(line)
-    if requirement.name == 'jax' and not requirement.specifier.contains(jax_version, prereleases=True):
-      raise LaunchError(f"step 'setup' failed: jax {jax_version} is outside {requirements_file}'s pin "
-                        f'{requirement.specifier}; pass a --jax_version inside it')
+    try:
+      requirement = requirements.Requirement(line)
+    except requirements.InvalidRequirement:
+      continue  # not a package pin (e.g. a URL); pip on the workers judges it
+    if requirement.name in ('jax', 'jaxlib') and not requirement.specifier.contains(jax_version,
+                                                                                    prereleases=True):
+      raise LaunchError(f"step 'setup' failed: jax {jax_version} is outside {requirements_file}'s "
+                        f'{requirement.name} pin {requirement.specifier}; pass a --jax_version inside it')
 
 
 class Launcher:
@@ -257,6 +262,7 @@ class Launcher:
         if state in tpu_types.GONE_STATES:
           self._say(f'{self.pod.name} is {state}; waiting until it is gone')
           self._wait_until_gone()
+          state = None
         self._say(f'{self.pod.name} is {state or "gone"}: deleting and recreating it '
                   f'({recreations}), then resuming from {job.workdir}')
         self._recreate(code, job)
