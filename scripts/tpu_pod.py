@@ -25,6 +25,7 @@ LOG_FILE = 'nfnets-train.log'
 PID_FILE = 'nfnets-train.pid'
 EXIT_FILE = 'nfnets-train.exit'
 
+
 @dataclasses.dataclass(frozen=True)
 class Pod:
   """A TPU slice: a TPU VM created directly, or through a queued resource (`queued=True`)."""
