@@ -2,9 +2,11 @@
 
   python -m scripts.launch_tpu_pod SUBCOMMAND --name NAME --zone ZONE [flags]
 
-  create   --accelerator_type v4-32 [--runtime_version V] [--spot | --preemptible] [--queued]
+  create   --accelerator_type v4-32 [--runtime_version V] [--spot [--queued] | --preemptible]
+           [--create_timeout S]; private slices: [--internal_ips] [--service_account SA] [--scopes S]
   setup    ships the code (a tarball of --local_dir, default this checkout, or --repo_url at --repo_ref)
-           and installs requirements.txt and jax[tpu]==--jax_version on every worker
+           and installs Python --python, requirements.txt and jax[tpu]==--jax_version on every worker
+           (default: the newest Python/JAX pair the project tests, scripts/tested_stack.py)
   train    --config configs/nfnet.py:F0 --workdir gs://bucket/f0 [--override config.x=value ...]:
            starts experiments.train with --config.distributed=True on all workers, detached
   logs     [--lines 50] [--follow]: the end of each worker's log
@@ -15,40 +17,44 @@
   watch    the watching part of `run` alone (same flags), e.g. after the machine running `run` stopped
 
 Every subcommand takes --name, --zone, [--project], [--queued [--queued_resource ID]] and --dry-run,
-which prints each gcloud command (shell-quoted, one per line) instead of running it. Flags may be
-spelt with hyphens or underscores. A failing gcloud call stops with one line naming the step.
+which prints each gcloud command (shell-quoted, one per line) instead of running it; those that ssh to
+the workers take --internal_ip or --tunnel_through_iap for workers without external IPs. Flags may be
+spelt with hyphens or underscores. A failing gcloud call stops with one line naming the step, except a
+create that finds no capacity in the zone: it is tried again, with growing pauses, until --create_timeout.
+A slice stuck in one state other than READY (REPAIRING, STOPPED, UNKNOWN, ...) stops `watch` after
+--stuck_timeout, with advice. Details: docs/tpu_pods.md.
 """
-import collections
-import dataclasses
 import functools
 import importlib.metadata
 import os
-import shlex
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from typing import Callable, Optional
 
 from absl import flags
 
+from scripts import tested_stack
+from scripts import tpu_launcher
 from scripts import tpu_pod
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _POD_FLAGS = ('name', 'zone', 'project', 'queued', 'queued_resource', 'dry_run')
-_CREATE_FLAGS = ('accelerator_type', 'runtime_version', 'spot', 'preemptible')
+_SSH_FLAGS = ('internal_ip', 'tunnel_through_iap')
+_CREATE_FLAGS = ('accelerator_type', 'runtime_version', 'spot', 'preemptible', 'create_timeout', 'internal_ips',
+                 'service_account', 'scopes')
 _SETUP_FLAGS = ('repo_url', 'repo_ref', 'local_dir', 'jax_version', 'python')
 _TRAIN_FLAGS = ('config', 'override', 'workdir')
 SUBCOMMAND_FLAGS = {
     'create': _POD_FLAGS + _CREATE_FLAGS,
-    'setup': _POD_FLAGS + _SETUP_FLAGS,
-    'train': _POD_FLAGS + _TRAIN_FLAGS,
-    'logs': _POD_FLAGS + ('lines', 'follow'),
-    'status': _POD_FLAGS,
+    'setup': _POD_FLAGS + _SSH_FLAGS + _SETUP_FLAGS,
+    'train': _POD_FLAGS + _SSH_FLAGS + _TRAIN_FLAGS,
+    'logs': _POD_FLAGS + _SSH_FLAGS + ('lines', 'follow'),
+    'status': _POD_FLAGS + _SSH_FLAGS,
     'delete': _POD_FLAGS,
-    'run': _POD_FLAGS + _CREATE_FLAGS + _SETUP_FLAGS + _TRAIN_FLAGS + ('poll_seconds', 'max_recreations'),
+    'run': (_POD_FLAGS + _SSH_FLAGS + _CREATE_FLAGS + _SETUP_FLAGS + _TRAIN_FLAGS +
+            ('poll_seconds', 'max_recreations', 'stuck_timeout')),
 }
 SUBCOMMAND_FLAGS['watch'] = SUBCOMMAND_FLAGS['run']
 
@@ -61,20 +67,37 @@ _integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
 _string('name', None, 'TPU VM name (the queued resource\'s node id with --queued).')
 _string('zone', None, 'Zone, e.g. us-central2-b.')
 _string('project', None, 'Google Cloud project; default: gcloud\'s configured project.')
-_bool('queued', False, 'Create and delete the slice through a queued resource.')
+_bool('queued', False, 'Create and delete the slice through a queued resource: the request waits in '
+      'Google\'s queue (WAITING_FOR_RESOURCES) until there is capacity, instead of failing. The easy way '
+      'to get a --spot slice.')
 _string('queued_resource', None, 'Queued resource id; default: --name.')
 _bool('dry_run', False, 'Print the gcloud commands instead of running them.')
-_string('accelerator_type', None, 'e.g. v4-8 (one host), v4-32 (four hosts), v5litepod-16.')
+_string('accelerator_type', None, 'e.g. v4-8 (one host), v4-32 (four hosts), v5litepod-16 (v5e), v6e-16.')
 _string('runtime_version', None, 'TPU software version; default: Google\'s JAX runtime for the '
         'accelerator\'s generation (tpu-ubuntu2204-base up to v4).')
-_bool('spot', False, 'Spot slice (cheaper; may be preempted at any time).')
-_bool('preemptible', False, 'Preemptible slice (the older preemptible model).')
+_bool('spot', False, 'Spot slice: cheaper, may be preempted at any time, no run-time limit. Add --queued '
+      'to wait in Google\'s queue for capacity.')
+_bool('preemptible', False, 'Preemptible slice (the older model): stopped after at most 24 hours, even '
+      'if not preempted before. Prefer --spot, which has no such limit and costs the same.')
+_integer('create_timeout', 24 * 3600, 'Seconds to keep trying to get the slice: a create that finds no '
+         'capacity in the zone is retried with growing pauses (1 to 15 min), and a queued resource may wait '
+         'this long to become ACTIVE.')
+_bool('internal_ips', False, 'Create the workers without external IPs (then reach them with '
+      '--tunnel_through_iap or --internal_ip; pip needs Cloud NAT).')
+_string('service_account', None, 'Service account the workers run as (it writes the gs:// workdir); '
+        'default: the Compute Engine default service account.')
+_string('scopes', None, 'Comma-separated OAuth scopes for --service_account, e.g. cloud-platform.')
+_bool('internal_ip', False, 'ssh/scp to the workers\' internal IPs (from a machine in the same VPC).')
+_bool('tunnel_through_iap', False, 'ssh/scp to the workers through an IAP tunnel (needs gcloud\'s alpha '
+      'component and a firewall rule allowing tcp:22 from 35.235.240.0/20).')
 _string('repo_url', None, 'Git URL the workers clone; default: ship --local_dir instead.')
 _string('repo_ref', 'main', 'Branch, tag or commit to check out with --repo_url.')
 _string('local_dir', REPO_ROOT, 'Checkout to pack and copy to the workers (git-tracked and '
         'untracked, not ignored, files).')
-_string('jax_version', None, 'jax[tpu] version to install; default: the local jax version.')
-_string('python', 'python3.11', 'Python on the workers (installed with apt).')
+_string('jax_version', tested_stack.NEWEST.jax, 'jax[tpu] version to install on the workers; default: the '
+        'newest JAX the project tests (scripts/tested_stack.py).')
+_string('python', None, 'Python version on the workers, e.g. 3.13 (installed with apt, from the deadsnakes '
+        'PPA if Ubuntu lacks it); default: the tested Python for --jax_version.')
 _string('config', None, 'Config spec path:arg relative to the code root, e.g. configs/nfnet.py:F0.')
 flags.DEFINE_multi_string('override', [], 'A config override config.x=value (repeatable), passed verbatim.',
                           flag_values=FLAGS)
@@ -83,201 +106,8 @@ _integer('lines', 50, 'Lines of each worker\'s log to show.')
 _bool('follow', False, 'Keep printing the logs as they grow.')
 _integer('poll_seconds', 120, 'Seconds between checks while `run` watches the job.')
 _integer('max_recreations', 100, '`run` gives up after recreating the slice this many times.')
-
-
-class LaunchError(Exception):
-  """A step failed; printed as one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-  returncode: int
-  stdout: str = ''
-  stderr: str = ''
-
-
-Runner = Callable[[list[str], bool], Result]
-
-
-def run_gcloud(argv: list[str], capture: bool) -> Result:
-  """Runs a command; its stderr is shown as it comes (and kept), stdout is shown or, if `capture`, returned."""
-  try:
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE,
-                               text=True)
-  except FileNotFoundError:
-    return Result(127, stderr=f'{argv[0]} not found; install the Google Cloud CLI (gcloud)')
-  if capture:
-    stdout, stderr = process.communicate()
-    return Result(process.returncode, stdout, stderr)
-  tail = collections.deque(maxlen=20)
-  for line in process.stderr:
-    sys.stderr.write(line)
-    tail.append(line)
-  return Result(process.wait(), stderr=''.join(tail))
-
-
-def _error_line(stderr: str) -> str:
-  """gcloud's `ERROR: (gcloud.<command>) <reason>` line (advice follows it), else the last line."""
-  lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-  errors = [line for line in lines if line.startswith('ERROR:')]
-  return (errors or lines or ['(no error output)'])[-1]
-
-
-def pack_code(local_dir: str, destination: str) -> int:
-  """Writes a .tar.gz of the checkout: git's tracked and untracked-but-not-ignored files, so local edits
-  travel and runs/, caches and virtual environments do not. Returns the number of files."""
-  try:
-    listing = subprocess.run(['git', '-C', local_dir, 'ls-files', '-z', '--cached', '--others',
-                              '--exclude-standard'], capture_output=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError) as e:
-    raise LaunchError(f"step 'setup' failed: {local_dir} is not a git checkout; use --repo_url") from e
-  files = [name for name in listing.decode().split('\0')
-           if name and os.path.isfile(os.path.join(local_dir, name))]
-  with tarfile.open(destination, 'w:gz') as tar:
-    for name in files:
-      tar.add(os.path.join(local_dir, name), arcname=name)
-  return len(files)
-
-
-class Launcher:
-  """The subcommands, over a command runner that tests replace by a fake."""
-
-  def __init__(self, pod: tpu_pod.Pod, *, runner: Runner = run_gcloud, dry_run: bool = False,
-               sleep: Callable[[float], None] = time.sleep, say: Optional[Callable[[str], None]] = None):
-    self.pod = pod
-    self._runner = runner
-    self._dry_run = dry_run
-    self._sleep = sleep
-    self._say = say or (lambda text: print(text, file=sys.stderr, flush=True))
-
-  def _call(self, step: str, argv: list[str], *, capture: bool = False,
-            not_found_ok: bool = False) -> Optional[Result]:
-    """Runs one gcloud command; None if it failed with NOT_FOUND and `not_found_ok`."""
-    if self._dry_run:
-      print(shlex.join(argv), flush=True)
-      return Result(0)
-    result = self._runner(argv, capture)
-    if result.returncode != 0:
-      if not_found_ok and 'NOT_FOUND' in result.stderr:
-        return None
-      raise LaunchError(f"step '{step}' failed: {argv[0]} exited {result.returncode}: "
-                        f'{_error_line(result.stderr)}')
-    return result
-
-  def create(self) -> None:
-    self._call('create', tpu_pod.create_command(self.pod))
-    if self.pod.queued:
-      self._wait_until_active()
-
-  def _wait_until_active(self, poll_seconds: float = 30) -> None:
-    while True:
-      result = self._call('create', tpu_pod.queued_state_command(self.pod), capture=True)
-      state = result.stdout.strip()
-      if self._dry_run or state == 'ACTIVE':
-        return
-      if state in tpu_pod.QUEUED_DEAD_STATES:
-        raise LaunchError(f"step 'create' failed: queued resource {self.pod.queued_resource_id} is {state}")
-      self._say(f'queued resource {self.pod.queued_resource_id}: {state or "?"}; waiting')
-      self._sleep(poll_seconds)
-
-  def setup(self, code: tpu_pod.Code) -> None:
-    copy = tpu_pod.copy_code_command(self.pod, code)
-    if copy is not None:
-      if self._dry_run:
-        self._call('setup', copy)
-      else:
-        count = pack_code(code.local_dir, code.local_tarball)
-        self._say(f'packed {count} files of {code.local_dir} into {code.local_tarball}')
-        try:
-          self._call('setup', copy)
-        finally:
-          os.remove(code.local_tarball)
-    self._call('setup', tpu_pod.setup_command(self.pod, code))
-
-  def train(self, job: tpu_pod.Job) -> None:
-    self._call('train', tpu_pod.train_command(self.pod, job))
-    self._say(f'training started on every worker of {self.pod.name}; logs: launch_tpu_pod logs')
-
-  def logs(self, lines: int, follow: bool) -> None:
-    self._call('logs', tpu_pod.logs_command(self.pod, lines, follow))
-
-  def delete(self) -> None:
-    self._call('delete', tpu_pod.delete_command(self.pod), not_found_ok=True)
-
-  def node_state(self, step: str) -> Optional[str]:
-    """The TPU VM's state, or None once it no longer exists."""
-    result = self._call(step, tpu_pod.node_state_command(self.pod), capture=True, not_found_ok=True)
-    return None if result is None else result.stdout.strip()
-
-  def job_states(self, step: str) -> list[tpu_pod.WorkerJob]:
-    result = self._call(step, tpu_pod.job_status_command(self.pod), capture=True)
-    return tpu_pod.parse_job_status(result.stdout)
-
-  def status(self) -> None:
-    if self.pod.queued:
-      result = self._call('status', tpu_pod.queued_state_command(self.pod), capture=True, not_found_ok=True)
-      print(f'queued resource {self.pod.queued_resource_id}: '
-            f'{"not found" if result is None else result.stdout.strip()}')
-    state = self.node_state('status')
-    print(f'tpu {self.pod.name}: {state if state is not None else "not found"}')
-    if state == 'READY' or self._dry_run:
-      for job in self.job_states('status'):
-        print(f'  {job.host}: {job.state}{" (finished)" if job.final else ""}')
-
-  def run(self, code: tpu_pod.Code, job: tpu_pod.Job, *, poll_seconds: float, max_recreations: int) -> None:
-    """create, setup, train; then watch until the job finishes, recreating the slice when it is preempted."""
-    self.create()
-    self.setup(code)
-    self.train(job)
-    self.watch(code, job, poll_seconds=poll_seconds, max_recreations=max_recreations)
-
-  def watch(self, code: tpu_pod.Code, job: tpu_pod.Job, *, poll_seconds: float, max_recreations: int) -> None:
-    """Polls the slice and the job until the job finishes; a preempted or vanished slice is deleted,
-    recreated and set up, and `job` started again (it resumes from its workdir)."""
-    recreations = 0
-    ssh_failures = 0
-    while True:
-      if not self._dry_run:
-        self._sleep(poll_seconds)
-      state = self.node_state('watch')
-      if state is None or state in tpu_pod.PREEMPTED_STATES:
-        recreations += 1
-        if recreations > max_recreations:
-          raise LaunchError(f"step 'watch' failed: {self.pod.name} was lost {recreations} times; giving up")
-        self._say(f'{self.pod.name} is {state or "gone"}: deleting and recreating it '
-                  f'({recreations}), then resuming from {job.workdir}')
-        self.delete()
-        self.create()
-        self.setup(code)
-        self.train(job)
-        continue
-      if state != 'READY' and not self._dry_run:
-        self._say(f'{self.pod.name} is {state}; waiting')
-        continue
-      try:
-        workers = self.job_states('watch')
-      except LaunchError:
-        ssh_failures += 1  # a worker may be going down; the next state check tells
-        if ssh_failures >= 5:
-          raise
-        continue
-      ssh_failures = 0
-      if self._dry_run:
-        self._say(f'(dry run: the two commands above are repeated every {poll_seconds:g} s)')
-        return
-      if any(w.state == 'running' for w in workers):
-        continue
-      if any(w.final for w in workers):
-        self._say(f'training finished; results in {job.workdir}')
-        return
-      if workers and all(w.state == 'exited:0' for w in workers):
-        # The trainer checkpoints and exits 0 on SIGTERM (e.g. a maintenance event) without finishing.
-        self._say('the job stopped before the end (SIGTERM); starting it again to resume')
-        self.train(job)
-        continue
-      failed = [f'{w.host} {w.state}' for w in workers if w.state != 'exited:0'] or ['no job found']
-      raise LaunchError(f"step 'watch' failed: training stopped on the workers ({', '.join(failed)}); "
-                        'see `launch_tpu_pod logs`')
+_integer('stuck_timeout', 3600, 'Seconds `watch` waits for a slice in one state other than READY (e.g. '
+         'REPAIRING, STOPPED, UNKNOWN) before it stops with advice.')
 
 
 class UsageError(Exception):
@@ -296,14 +126,24 @@ def _normalise_flag_names(argv: list[str]) -> list[str]:
   return result
 
 
-def _code() -> tpu_pod.Code:
+def local_jax_version() -> Optional[str]:
   try:
-    jax_version = FLAGS.jax_version or importlib.metadata.version('jax')
+    return importlib.metadata.version('jax')
   except importlib.metadata.PackageNotFoundError:
-    jax_version = ''
+    return None
+
+
+def _code(say: Callable[[str], None]) -> tpu_pod.Code:
+  """What `setup` installs: by default the newest Python/JAX pair the project tests. A different JAX on
+  this machine only earns a warning: the workers get the tested one."""
+  python = (FLAGS.python or tested_stack.python_for(FLAGS.jax_version)).removeprefix('python')
+  local_jax = local_jax_version()
+  if local_jax and local_jax != FLAGS.jax_version:
+    say(f'warning: this machine has jax {local_jax}; the workers get jax[tpu]=={FLAGS.jax_version} on Python '
+        f'{python} (--jax_version, --python)')
   tarball = os.path.join(tempfile.gettempdir(), f'nfnets-code-{FLAGS.name}.tar.gz')
   return tpu_pod.Code(repo_url=FLAGS.repo_url, repo_ref=FLAGS.repo_ref, local_dir=FLAGS.local_dir,
-                      local_tarball=tarball, jax_version=jax_version, python=FLAGS.python)
+                      local_tarball=tarball, jax_version=FLAGS.jax_version, python=python)
 
 
 def _job() -> tpu_pod.Job:
@@ -327,7 +167,9 @@ def _pod() -> tpu_pod.Pod:
   return tpu_pod.Pod(name=FLAGS.name, zone=FLAGS.zone or '', accelerator_type=FLAGS.accelerator_type or '',
                      runtime_version=FLAGS.runtime_version or '', project=FLAGS.project, spot=FLAGS.spot,
                      preemptible=FLAGS.preemptible, queued=FLAGS.queued,
-                     queued_resource=FLAGS.queued_resource or '')
+                     queued_resource=FLAGS.queued_resource or '', internal_ips=FLAGS.internal_ips,
+                     service_account=FLAGS.service_account or '', scopes=FLAGS.scopes or '',
+                     internal_ip=FLAGS.internal_ip, tunnel_through_iap=FLAGS.tunnel_through_iap)
 
 
 def _parse(argv: list[str]) -> str:
@@ -347,7 +189,12 @@ def _parse(argv: list[str]) -> str:
   return subcommand
 
 
-def main(argv: list[str], *, runner: Runner = run_gcloud, sleep: Callable[[float], None] = time.sleep) -> int:
+def _say(text: str) -> None:
+  print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str], *, runner: tpu_launcher.Runner = tpu_launcher.run_gcloud,
+         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> int:
   """Runs `launch_tpu_pod SUBCOMMAND --flags` (argv[0] is the program name); returns the exit status."""
   if any(arg in ('-h', '--help', '--helpfull') for arg in argv[1:]):
     print(__doc__)
@@ -357,17 +204,27 @@ def main(argv: list[str], *, runner: Runner = run_gcloud, sleep: Callable[[float
     subcommand = _parse(argv)
     pod = _pod()
     job = _job() if subcommand in ('train', 'run', 'watch') else None
+    code = _code(_say) if subcommand in ('setup', 'run', 'watch') else None
     if subcommand in ('create', 'run', 'watch'):
       tpu_pod.create_command(pod)  # checks the accelerator type before anything runs
+    if subcommand in ('run', 'watch') and pod.internal_ips and not (pod.internal_ip or pod.tunnel_through_iap):
+      raise UsageError('with --internal_ips the workers have no external IP: add --tunnel_through_iap, or '
+                       '--internal_ip when running from a machine in the same VPC')
   except (UsageError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
+    _say(f'error: {e}')
     return 2
-  launcher = Launcher(pod, runner=runner, dry_run=FLAGS.dry_run, sleep=sleep)
+  if pod.preemptible:
+    _say('note: a preemptible slice is stopped after at most 24 hours; --spot has no such limit')
+  elif pod.spot and not pod.queued and subcommand in ('create', 'run'):
+    _say('note: add --queued to wait in Google\'s queue for spot capacity instead of retrying the create')
+  launcher = tpu_launcher.Launcher(pod, runner=runner, dry_run=FLAGS.dry_run, sleep=sleep, clock=clock,
+                                   say=_say, create_timeout=FLAGS.create_timeout,
+                                   stuck_timeout=FLAGS.stuck_timeout)
   try:
     if subcommand == 'create':
       launcher.create()
     elif subcommand == 'setup':
-      launcher.setup(_code())
+      launcher.setup(code)
     elif subcommand == 'train':
       launcher.train(job)
     elif subcommand == 'logs':
@@ -377,10 +234,10 @@ def main(argv: list[str], *, runner: Runner = run_gcloud, sleep: Callable[[float
     elif subcommand == 'delete':
       launcher.delete()
     else:
-      getattr(launcher, subcommand)(_code(), job, poll_seconds=FLAGS.poll_seconds,
+      getattr(launcher, subcommand)(code, job, poll_seconds=FLAGS.poll_seconds,
                                     max_recreations=FLAGS.max_recreations)
-  except (LaunchError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
+  except (tpu_launcher.LaunchError, ValueError) as e:
+    _say(f'error: {e}')
     return 1
   return 0
 

@@ -7,7 +7,7 @@ override holding spaces or quotes reaches `experiments.train` on each worker unc
 
 On each worker (paths relative to the home directory, where `gcloud ... ssh` starts):
   nfnets/              the code (unpacked from nfnets-code.tar.gz, or a git clone)
-  nfnets-venv/         Python 3.11 with requirements.txt and the TPU build of JAX
+  nfnets-venv/         the tested Python (scripts.tested_stack) with requirements.txt and the TPU build of JAX
   nfnets-train.log     the worker's training output; .pid and .exit hold its process id and exit status
 """
 import dataclasses
@@ -15,31 +15,15 @@ import re
 import shlex
 from typing import Optional
 
+from scripts import tested_stack
+from scripts import tpu_types
+
 CODE_DIR = 'nfnets'
 CODE_TARBALL = 'nfnets-code.tar.gz'
 VENV_DIR = 'nfnets-venv'
 LOG_FILE = 'nfnets-train.log'
 PID_FILE = 'nfnets-train.pid'
 EXIT_FILE = 'nfnets-train.exit'
-
-# TPU VM states after which the slice must be deleted and created again (spot and preemptible slices).
-PREEMPTED_STATES = ('PREEMPTED', 'TERMINATED')
-# Queued-resource states that will not turn ACTIVE again by themselves.
-QUEUED_DEAD_STATES = ('FAILED', 'SUSPENDING', 'SUSPENDED')
-
-# Google's recommended runtime ("software version") per TPU generation for JAX; older generations share one.
-_RUNTIME_BY_GENERATION = {'v6e': 'v2-alpha-tpuv6e', 'v5p': 'v2-alpha-tpuv5', 'v5litepod': 'v2-alpha-tpuv5-lite',
-                          'v5e': 'v2-alpha-tpuv5-lite'}
-_DEFAULT_RUNTIME = 'tpu-ubuntu2204-base'
-_ACCELERATOR_TYPE = re.compile(r'^(v\d+[a-z]*)-(\d+)$')
-
-
-def default_runtime_version(accelerator_type: str) -> str:
-  """The runtime for JAX on this accelerator, e.g. 'tpu-ubuntu2204-base' for v4-32."""
-  match = _ACCELERATOR_TYPE.match(accelerator_type)
-  if not match:
-    raise ValueError(f'accelerator type {accelerator_type!r} is not of the form v4-32, v5litepod-16, ...')
-  return _RUNTIME_BY_GENERATION.get(match.group(1), _DEFAULT_RUNTIME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +38,13 @@ class Pod:
   preemptible: bool = False
   queued: bool = False
   queued_resource: str = ''        # the queued resource's id; '' uses the node's name
+  # Private slices: no external IPs (create), a service account and its scopes (create), and how ssh/scp
+  # reach the workers: their internal IPs (from inside the VPC) or an IAP tunnel (from anywhere).
+  internal_ips: bool = False
+  service_account: str = ''
+  scopes: str = ''
+  internal_ip: bool = False
+  tunnel_through_iap: bool = False
 
   def __post_init__(self):
     if not re.fullmatch(r'[a-z]([-a-z0-9]*[a-z0-9])?', self.name or ''):
@@ -65,12 +56,14 @@ class Pod:
       raise ValueError('--spot and --preemptible exclude each other')
     if self.queued and self.preemptible:
       raise ValueError('queued resources take --spot, not --preemptible')
+    if self.internal_ip and self.tunnel_through_iap:
+      raise ValueError('--internal_ip and --tunnel_through_iap exclude each other (gcloud takes one route)')
     if self.accelerator_type:
-      default_runtime_version(self.accelerator_type)  # validates the form
+      tpu_types.check_accelerator_type(self.accelerator_type)
 
   @property
   def runtime(self) -> str:
-    return self.runtime_version or default_runtime_version(self.accelerator_type)
+    return self.runtime_version or tpu_types.default_runtime_version(self.accelerator_type)
 
   @property
   def queued_resource_id(self) -> str:
@@ -78,6 +71,21 @@ class Pod:
 
   def location_flags(self) -> list[str]:
     return [f'--zone={self.zone}'] + ([f'--project={self.project}'] if self.project else [])
+
+  def create_access_flags(self) -> list[str]:
+    return ((['--internal-ips'] if self.internal_ips else []) +
+            ([f'--service-account={self.service_account}'] if self.service_account else []) +
+            ([f'--scopes={self.scopes}'] if self.scopes else []))
+
+  def ssh_words(self, verb: str) -> list[str]:
+    """`gcloud ... tpu-vm ssh|scp` up to its arguments. gcloud offers --tunnel-through-iap for TPU VMs only
+    in its alpha track (`gcloud alpha compute tpus tpu-vm ssh|scp`, the alpha component); --internal-ip is GA."""
+    if self.tunnel_through_iap:
+      return ['gcloud', 'alpha', 'compute', 'tpus', 'tpu-vm', verb]
+    return _tpu('tpu-vm', verb)
+
+  def route_flags(self) -> list[str]:
+    return ['--tunnel-through-iap'] if self.tunnel_through_iap else ['--internal-ip'] if self.internal_ip else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +96,14 @@ class Code:
   repo_ref: str = 'main'
   local_dir: str = ''
   local_tarball: str = ''
-  jax_version: str = ''
-  python: str = 'python3.11'
+  jax_version: str = tested_stack.NEWEST.jax
+  python: str = tested_stack.NEWEST.python     # major.minor; the workers run `python<major.minor>`
+
+  def __post_init__(self):
+    if not re.fullmatch(r'\d+\.\d+\.\d+(\.\d+)?', self.jax_version):
+      raise ValueError(f'--jax_version must be a JAX release such as {tested_stack.NEWEST.jax}, got '
+                       f'{self.jax_version!r}')
+    tested_stack.check_pair(self.python, self.jax_version)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +132,8 @@ def _tpu(*words: str) -> list[str]:
 
 
 def _ssh_all(pod: Pod, script: str) -> list[str]:
-  return _tpu('tpu-vm', 'ssh', pod.name, *pod.location_flags(), '--worker=all', f'--command={script}')
+  return [*pod.ssh_words('ssh'), pod.name, *pod.location_flags(), '--worker=all', *pod.route_flags(),
+          f'--command={script}']
 
 
 def create_command(pod: Pod) -> list[str]:
@@ -128,10 +143,10 @@ def create_command(pod: Pod) -> list[str]:
   if pod.queued:
     return _tpu('queued-resources', 'create', pod.queued_resource_id, *pod.location_flags(),
                 f'--accelerator-type={pod.accelerator_type}', f'--runtime-version={pod.runtime}',
-                f'--node-id={pod.name}', *(['--spot'] if pod.spot else []))
+                f'--node-id={pod.name}', *(['--spot'] if pod.spot else []), *pod.create_access_flags())
   provisioning = ['--spot'] if pod.spot else ['--preemptible'] if pod.preemptible else []
   return _tpu('tpu-vm', 'create', pod.name, *pod.location_flags(), f'--accelerator-type={pod.accelerator_type}',
-              f'--version={pod.runtime}', *provisioning)
+              f'--version={pod.runtime}', *provisioning, *pod.create_access_flags())
 
 
 def node_state_command(pod: Pod) -> list[str]:
@@ -157,27 +172,39 @@ def copy_code_command(pod: Pod, code: Code) -> Optional[list[str]]:
   """Copies the packed local checkout to every worker; None when the workers clone a git repository."""
   if code.repo_url:
     return None
-  return _tpu('tpu-vm', 'scp', code.local_tarball, f'{pod.name}:{CODE_TARBALL}', *pod.location_flags(),
-              '--worker=all')
+  return [*pod.ssh_words('scp'), code.local_tarball, f'{pod.name}:{CODE_TARBALL}', *pod.location_flags(),
+          '--worker=all', *pod.route_flags()]
 
 
 def setup_command(pod: Pod, code: Code) -> list[str]:
-  """On every worker: unpack or clone the code, create a Python 3.11 venv, install requirements.txt and
-  the TPU build of JAX (`jax[tpu]` at the version the code was tested with)."""
-  if not code.jax_version:
-    raise ValueError('the JAX version to install on the workers is unknown; pass --jax_version')
+  """On every worker: unpack or clone the code; get Python `code.python` (the TPU VM images ship Python 3.10:
+  from Ubuntu's archive if it has it, else from the deadsnakes PPA, apt running non-interactively so that
+  Ubuntu 22.04's needrestart cannot stop it); check that Python's version before creating the venv, with one
+  error line when it is missing or too old for the JAX asked for; install requirements.txt and
+  `jax[tpu]==code.jax_version` into the venv."""
   if code.repo_url:
     fetch = (f'rm -rf {CODE_DIR} && git clone --quiet {shlex.quote(code.repo_url)} {CODE_DIR} && '
              f'git -C {CODE_DIR} checkout --quiet {shlex.quote(code.repo_ref)}')
   else:
     fetch = f'rm -rf {CODE_DIR} && mkdir {CODE_DIR} && tar -xzf {CODE_TARBALL} -C {CODE_DIR}'
-  apt = 'sudo apt-get -o DPkg::Lock::Timeout=600 -qq'  # the image's unattended upgrades may hold the lock
-  python = shlex.quote(code.python)
+  python = f'python{code.python}'
+  packages = f'{python} {python}-venv'
+  minimum = tested_stack.min_python(code.jax_version)
+  version_ok = (f"{python} -c 'import ensurepip, sys; "
+                f"sys.exit(sys.version_info[:2] < {tuple(int(p) for p in minimum.split('.'))})'")
+  # The image's unattended upgrades may hold the dpkg lock for a while; sudo drops the caller's environment,
+  # hence `env` for the non-interactive settings.
+  apt = ('sudo env DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a apt-get -o DPkg::Lock::Timeout=600 -qq')
+  from_ppa = ('{ sudo env DEBIAN_FRONTEND=noninteractive add-apt-repository -y ppa:deadsnakes/ppa > /dev/null && '
+              f'{apt} update && {apt} install -y {packages} > /dev/null; }}')
   pip = f'{VENV_DIR}/bin/pip install -q'
   steps = [
       fetch,
-      f'{apt} update',
-      f'{apt} install -y {python} {python}-venv',
+      f'if ! {version_ok} 2> /dev/null; then {apt} update && '
+      f'{{ {apt} install -y {packages} > /dev/null 2>&1 || {from_ppa}; }} || true; fi',
+      f'if ! {version_ok} 2> /dev/null; then echo "$(hostname): Python {code.python} (>= {minimum} for jax '
+      f'{code.jax_version}) with venv is missing: apt could not install {packages}, from Ubuntu or '
+      f'ppa:deadsnakes/ppa" >&2; exit 1; fi',
       f'rm -rf {VENV_DIR} && {python} -m venv {VENV_DIR}',
       f'{pip} --upgrade pip',
       f'{pip} -r {CODE_DIR}/requirements.txt {shlex.quote(f"jax[tpu]=={code.jax_version}")}',
