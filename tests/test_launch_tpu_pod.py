@@ -638,6 +638,18 @@ def test_tested_stack_prints_each_pair_for_shell_scripts():
   tested_stack.check_pair(tested_stack.NEWEST.python, tested_stack.NEWEST.jax)
 
 
+def test_requirements_and_ci_cover_both_tested_ends():
+  """The pins admit both tested pairs' JAX, and CI installs exactly those (it reads them from tested_stack)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for stack in (tested_stack.OLDEST, tested_stack.NEWEST):
+    tpu_launcher.check_jax_pin(os.path.join(repo, 'requirements.txt'), stack.jax)
+  with open(os.path.join(repo, '.ci', 'run')) as f:
+    ci = f.read()
+  assert 'python3 -m scripts.tested_stack "$1"' in ci
+  assert '"jax==$jax_version" "jaxlib==$jax_version"' in ci
+  assert 'run_suite oldest' in ci and 'run_suite newest' in ci
+
+
 def test_pack_code_ships_tracked_and_untracked_files_but_not_ignored_ones(tmp_path):
   repo = tmp_path / 'repo'
   (repo / 'configs').mkdir(parents=True)
