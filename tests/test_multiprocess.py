@@ -46,7 +46,7 @@ def _srun(env: dict[str, str], cwd: str, *args: str, stderr=subprocess.STDOUT) -
   """The 2 tasks of a one-node SLURM step: the processes find their peers in the variables JAX reads."""
   port = _free_port()
   return [subprocess.Popen(
-      [sys.executable, '-m', 'experiments.train', '--config.distributed=True', *args], cwd=cwd,
+      [sys.executable, '-m', 'experiments.train', *args, '--config.distributed=True'], cwd=cwd,
       env=dict(env, SLURM_JOB_ID='4242', SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
                SLURM_STEP_NODELIST='localhost', SLURM_STEP_NUM_NODES='1', SLURM_STEP_NUM_TASKS='2',
                # JAX derives the port from the job id; a free one keeps parallel test runs apart.
