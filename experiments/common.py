@@ -38,12 +38,20 @@ def define_config_flag(help_text: str = 'Experiment config, as path:arg.',
 
 
 def define_distributed_flags() -> None:
-  """Flags that set up a multi-process run where JAX cannot discover its peers (GPU or CPU clusters)."""
+  """Flags that set up a multi-process run: peers where JAX cannot discover them, and each process's GPUs."""
   if 'coordinator_address' in flags.FLAGS:
     return
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for jax.distributed.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
   flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, num_processes).')
+  flags.DEFINE_string('local_device_ids', distributed.AUTO,
+                      f'GPUs this process drives: {distributed.AUTO!r} (JAX\'s choice: under SLURM or Open MPI '
+                      f'the one GPU at the local rank, for one process per GPU), {distributed.ALL!r} (every GPU '
+                      'the process sees: one process per node, or one GPU bound to each task by the launcher), '
+                      'or ids such as 0,1,2,3.')
+  flags.DEFINE_string('cluster_detection_method', None,
+                      'How JAX finds its peers, passed to jax.distributed.initialize: e.g. slurm, ompi, mpi4py, '
+                      'or deactivate; default: the first environment JAX recognises.')
 
 
 def config_given() -> bool:
@@ -97,12 +105,23 @@ def report_error(error: BaseException) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
 
 
+_DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'local_device_ids',
+                      'cluster_detection_method')
+
+
 def initialize_distributed(config: Optional[ml_collections.ConfigDict] = None) -> None:
-  """Joins a multi-process run when the config or the distributed flags ask for one."""
-  values = {name: flags.FLAGS[name].value for name in ('coordinator_address', 'num_processes', 'process_id')
-            if name in flags.FLAGS}
-  enabled = bool(config is not None and config.get('distributed')) or any(v is not None for v in values.values())
+  """Joins a multi-process run when the config or the distributed flags ask for one; prints the device layout.
+
+  Every process prints its own line (processes, local and global devices), so that a run that drives fewer
+  devices than meant shows in the first lines of its log; processes with unequal device counts are refused.
+  """
+  values = {name: flags.FLAGS[name].value for name in _DISTRIBUTED_FLAGS if name in flags.FLAGS}
+  # The GPUs of a process are a detail of a multi-process run: alone they do not ask for one.
+  enabled = bool(config is not None and config.get('distributed')) or any(
+      values[name] != flags.FLAGS[name].default for name in values if name != 'local_device_ids')
   distributed.initialize(enabled, **values)
+  print(distributed.layout_line(), flush=True)
+  distributed.check_layout()
 
 
 def run(main: Callable[[list[str]], None]) -> None:

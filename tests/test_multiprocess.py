@@ -1,6 +1,8 @@
 """A real pod run in miniature: 2 processes on localhost (jax.distributed, gloo CPU collectives, 1 device each)
 train the tiny config into a gs:// workdir served by a fake Cloud Storage, are preempted at different moments,
-resume, and end exactly where 1 process with 2 devices ends; nothing is written to the local disk.
+resume as the 2 tasks of a (faked) SLURM step, and end exactly where 1 process with 2 devices ends; nothing is
+written to the local disk. A SLURM step of 2 processes with 2 devices each joins, and refuses to run without
+--workdir.
 """
 import json
 import os
@@ -32,11 +34,24 @@ def _free_port() -> int:
 
 
 def _launch(env: dict[str, str], cwd: str) -> list[subprocess.Popen]:
+  """2 processes told their peers by flags."""
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, '-m', 'experiments.train', *tiny_setup.command_line_overrides(), '--workdir', WORKDIR,
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
       cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _srun(env: dict[str, str], cwd: str, *args: str, stderr=subprocess.STDOUT) -> list[subprocess.Popen]:
+  """The 2 tasks of a one-node SLURM step: the processes find their peers in the variables JAX reads."""
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'experiments.train', *args, '--config.distributed=True'], cwd=cwd,
+      env=dict(env, SLURM_JOB_ID='4242', SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+               SLURM_STEP_NODELIST='localhost', SLURM_STEP_NUM_NODES='1', SLURM_STEP_NUM_TASKS='2',
+               # JAX derives the port from the job id; a free one keeps parallel test runs apart.
+               JAX_COORDINATOR_PORT=str(port)),
+      stdout=subprocess.PIPE, stderr=stderr, text=True) for i in range(2)]
 
 
 def _wait(processes, timeout=600) -> list[str]:
@@ -105,13 +120,15 @@ def test_two_processes_on_gcs_survive_preemption_and_match_one_process(reference
     for i in range(2):
       assert f'tiny/checkpoints/{stop_step}/data/process_{i}-of-2.json' in objects
 
-    second = _launch(env, str(cwd))
+    second = _srun(env, str(cwd), *tiny_setup.command_line_overrides(), '--workdir', WORKDIR)
     try:
       outputs = _wait(second)
     finally:
       for process in second:
         process.kill()
     assert [p.returncode for p in second] == [0, 0], outputs
+    for i in range(2):
+      assert f'process {i} of 2 on {socket.gethostname()}: 1 local of 2 devices (cpu' in outputs[i], outputs[i]
     assert f'resumed from step {stop_step}' in outputs[0]
     final = [line for line in outputs[0].splitlines() if line.startswith('final:')]
     # Each process evaluates its half of the split; every example is counted exactly once.
@@ -143,6 +160,25 @@ def test_two_processes_on_gcs_survive_preemption_and_match_one_process(reference
     for a, b in zip(jax.tree.leaves(expected[prefix]), jax.tree.leaves(resumed[prefix])):
       np.testing.assert_array_equal(a, b)
   assert f'top-1 {100 * results["top1"]:.2f}%' in final[0]
+
+
+def test_a_slurm_step_joins_with_two_devices_per_process_and_needs_a_workdir(tmp_path):
+  """One process per node driving all its devices: each of the 2 tasks sees 2 (CPU) devices, 4 in the run."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT,
+             XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0')
+  tasks = _srun(env, str(tmp_path), '--local_device_ids=all', stderr=subprocess.PIPE)
+  try:
+    outputs = [task.communicate(timeout=300) for task in tasks]
+  finally:
+    for task in tasks:
+      task.kill()
+  for i, (out, err) in enumerate(outputs):
+    assert tasks[i].returncode == 1, (out, err)
+    # Both joined (the count of 4 devices spans both processes) before the missing --workdir was refused.
+    assert out.splitlines() == [f'process {i} of 2 on {socket.gethostname()}: 2 local of 4 devices (cpu, cpu)']
+    assert err == 'error: a multi-process run needs --workdir (each process would invent a runs/<config>-<time> ' \
+                  'of its own)\n'
+  assert list(tmp_path.iterdir()) == []  # no runs/ folder of any process
 
 
 def _read_object(env, name):
