@@ -22,6 +22,8 @@ What the two models compute differs slightly (timm standardises weights with eps
 and uses the erf GELU; the reference, and this project, use max(var * fan_in, 1e-4) and the tanh GELU): see
 docs/timm_weights.md for the measured difference.
 """
+import functools
+import json
 import re
 from typing import Any, Iterator, Mapping
 
@@ -81,13 +83,23 @@ def _block_names(depths) -> Iterator[tuple[str, str]]:
       index += 1
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_params(model_json: str):
+  """Our parameter shapes, traced once per model (tracing a full-size NFNet takes seconds)."""
+  return models.abstract_params(json.loads(model_json))[0]
+
+
+def _our_shapes(model_config: Mapping[str, Any]):
+  return _abstract_params(json.dumps(dict(model_config), sort_keys=True))
+
+
 def key_map(model_config: Mapping[str, Any]) -> dict[tuple[str, str], tuple[str, str]]:
   """{(our module, param): (timm key, layout)} for every parameter of the configured NFNet."""
   if model_config['name'] != 'nfnet':
     raise CheckpointError(f'timm conversion covers NFNets only, not {model_config["name"]} models')
   variant = nfnet.get_variant(model_config['variant'])
   depths = tuple(model_config.get('depths') or variant['depths'])
-  abstract, _ = models.abstract_params(model_config)
+  abstract = _our_shapes(model_config)
   renamed = {f'NFNet/~/stem_conv{i}': f'stem.conv{i + 1}' for i in range(4)}
   renamed.update({'NFNet/~/final_conv': 'final_conv', 'NFNet/~/linear': 'head.fc'})
   skip_gains = {}
@@ -112,7 +124,7 @@ def key_map(model_config: Mapping[str, Any]) -> dict[tuple[str, str], tuple[str,
 
 def timm_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   """The key -> shape list of the timm state dict that holds the configured NFNet."""
-  abstract, _ = models.abstract_params(model_config)
+  abstract = _our_shapes(model_config)
   return {key: _LAYOUTS[layout][2](abstract[module][name].shape)
           for (module, name), (key, layout) in key_map(model_config).items()}
 
@@ -210,8 +222,8 @@ def from_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[Params, dict[
 
 def to_state_dict(params: Mapping[str, Mapping[str, Any]], model_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The timm state dict (numpy, float32) of an NFNet's params; raises CheckpointError if timm cannot hold it."""
-  mapping = key_map(model_config)
   _check_timm_builds_it(model_config)
+  mapping = key_map(model_config)
   unknown = sorted({(m, n) for m, leaves in params.items() for n in leaves} - set(mapping))
   if unknown:
     raise CheckpointError(f'param {"/".join(unknown[0])} is not part of the configured NFNet')
@@ -269,19 +281,19 @@ def _check_timm_builds_it(model_config: Mapping[str, Any]) -> None:
 def timm_model_line(model_config: Mapping[str, Any]) -> str:
   """The PyTorch expression that builds the timm model matching `model_config`."""
   num_classes = model_config['num_classes']
-  overrides = [k for k in ('depths', 'widths', 'group_width', 'stem_width') if model_config.get(k) is not None]
-  defaults = nfnet.default_model_config(model_config['variant'])
-  same_function = all(model_config.get(k, defaults[k]) == defaults[k] for k in ('width', 'alpha', 'se_ratio',
-                                                                               'activation'))
-  if model_config['variant'] in TIMM_VARIANTS and not overrides and same_function:
-    return f"timm.create_model('dm_nfnet_{model_config['variant'].lower()}', num_classes={num_classes})"
   variant = nfnet.get_variant(model_config['variant'])
   depths = tuple(model_config.get('depths') or variant['depths'])
   widths = _stage_widths(model_config)
+  group_width = model_config.get('group_width') or 128
+  defaults = nfnet.default_model_config(model_config['variant'])
+  if (model_config['variant'] in TIMM_VARIANTS and (depths, widths) == (variant['depths'], variant['widths'])
+      and group_width == 128 and all(model_config.get(k, defaults[k]) == defaults[k]
+                                     for k in ('alpha', 'se_ratio', 'activation'))):
+    return f"timm.create_model('dm_nfnet_{model_config['variant'].lower()}', num_classes={num_classes})"
   activation = {'gelu_exact': 'gelu'}.get(model_config.get('activation', 'gelu'), model_config.get('activation'))
   return ('timm.models.nfnet.NormFreeNet(timm.models.nfnet.NfCfg('
           f'depths={depths}, channels={widths}, alpha={model_config.get("alpha", 0.2)}, stem_type="deep_quad", '
-          f'stem_chs={TIMM_STEM_WIDTH}, group_size={model_config.get("group_width") or 128}, bottle_ratio=0.5, '
+          f'stem_chs={TIMM_STEM_WIDTH}, group_size={group_width}, bottle_ratio=0.5, '
           f'extra_conv=True, gamma_in_act=True, same_padding=True, skipinit=True, num_features={2 * widths[-1]}, '
           f'act_layer={activation!r}, attn_layer="se", attn_kwargs=dict(rd_ratio={model_config.get("se_ratio", 0.5)})'
           f'), num_classes={num_classes})')
