@@ -157,12 +157,12 @@ def model_config_of(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     match = _KEY_RE.match(key)
     if match.group(1) is not None:
       blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
-  if sorted(blocks) != list(range(4)):
-    stage = next((s for s in sorted(blocks) if s >= 4), None)
-    raise CheckpointError(f'unexpected key {next(k for k in sorted(shapes) if k.startswith(f"stages.{stage}."))!r}'
-                          if stage is not None else
-                          f'missing key {f"stages.{min(set(range(4)) - set(blocks))}.0.conv3.weight"!r}: '
-                          'an NFNet has four stages')
+  extra_stages, missing_stages = sorted(set(blocks) - set(range(4))), sorted(set(range(4)) - set(blocks))
+  if extra_stages:
+    first = min(k for k in shapes if k.startswith(f'stages.{extra_stages[0]}.'))
+    raise CheckpointError(f'unexpected key {first!r}: an NFNet has four stages')
+  if missing_stages:
+    raise CheckpointError(f'missing key {f"stages.{missing_stages[0]}.0.conv3.weight"!r}: an NFNet has four stages')
   depths = []
   for stage in range(4):
     missing = sorted(set(range(max(blocks[stage]) + 1)) - blocks[stage])
@@ -170,12 +170,12 @@ def model_config_of(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
       raise CheckpointError(f'missing key {f"stages.{stage}.{missing[0]}.conv3.weight"!r}: blocks not numbered '
                             f'0..n-1 in stage {stage}')
     depths.append(max(blocks[stage]) + 1)
-  needed = ['stem.conv4.weight', 'head.fc.weight'] + [f'stages.{s}.{b}.{conv}.weight' for s in range(4)
-                                                      for b in (0,) for conv in ('conv2', 'conv3')]
+  needed = ['stem.conv4.weight', 'head.fc.weight'] + [f'stages.{s}.0.{conv}.weight' for s in range(4)
+                                                      for conv in ('conv2', 'conv3')]
   for key in needed:
     if key not in shapes:
       raise CheckpointError(f'missing key {key!r}')
-    if len(shapes[key]) not in (2, 4):
+    if len(shapes[key]) not in (2, 4) or min(shapes[key]) < 1:
       raise CheckpointError(f'{key} has shape {shapes[key]}, not a weight matrix or conv kernel')
   widths = tuple(shapes[f'stages.{s}.0.conv3.weight'][0] for s in range(4))
   group_width = _group_width([shapes[f'stages.{s}.0.conv2.weight'][:2] for s in range(4)])
@@ -190,7 +190,13 @@ def model_config_of(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
   if shapes['stem.conv4.weight'][0] != widths[0] // 2:
     entries['stem_width'] = shapes['stem.conv4.weight'][0]
   model_config = models.model_config('nfnet', variant, **entries).to_dict()
-  _check_shapes(shapes, model_config)
+  try:
+    _check_shapes(shapes, model_config)
+  except CheckpointError:
+    raise
+  except ValueError as e:  # Widths our NFNet cannot build, e.g. a bottleneck not divisible into its groups.
+    raise CheckpointError(f'stages.*.0.conv2.weight / conv3.weight: widths {widths} with group width '
+                          f'{group_width} make no NFNet ({str(e).splitlines()[0]})') from None
   return model_config
 
 

@@ -224,3 +224,12 @@ def test_reproduce_table_picks_up_safetensors_files(tmp_path):
   (tmp_path / 'notes.txt').write_text('')
   paths, skipped = reproduce_table.checkpoint_paths(str(tmp_path))
   assert [p.name for p in paths] == ['dm_nfnet_f0.safetensors'] and len(skipped) == 1
+
+
+def test_shapes_no_nfnet_can_have_are_one_line_errors():
+  empty = dict(_small_shapes(), **{'stages.0.0.conv2.weight': (32, 0, 3, 3)})
+  with pytest.raises(CheckpointError, match=r'^stages\.0\.0\.conv2\.weight has shape \(32, 0, 3, 3\), not a weight'):
+    timm_weights.model_config_of(empty)
+  extra_stage = dict(_small_shapes(), **{'stages.4.0.conv1.weight': (8, 8, 1, 1)})
+  with pytest.raises(CheckpointError, match=r"unexpected key 'stages\.4\.0\.conv1\.weight'"):
+    timm_weights.model_config_of(extra_stage)
