@@ -20,7 +20,8 @@ from nfnets import distributed
 from nfnets import evaluate
 
 _CONFIG = common.define_config_flag('Experiment config, as path:arg; default: the checkpoint\'s own.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A checkpoint directory, a workdir, or an F*_haiku.npz.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                  'A checkpoint directory, a workdir, an F*_haiku.npz or a timm .safetensors.')
 flags.mark_flag_as_required('checkpoint')
 common.define_distributed_flags()
 

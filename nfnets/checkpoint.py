@@ -13,8 +13,9 @@ Paths go through `etils.epath`, so a directory may be local or on a remote files
 are atomic (orbax finalises a step only once all of it is written), asynchronous, and written from host
 copies of the arrays, so the same code serves one CPU and a multi-host pod.
 
-`read(path)` accepts a project checkpoint (a workdir, its checkpoints/ folder or one step's folder) or a
-reference `F*_haiku.npz` file, and returns the model config and the weight sets it holds.
+`read(path)` accepts a project checkpoint (a workdir, its checkpoints/ folder or one step's folder), a
+reference `F*_haiku.npz` file or a timm NFNet `.safetensors` state dict (`nfnets.timm_weights`), and returns
+the model config and the weight sets it holds.
 """
 import dataclasses
 import json
@@ -28,6 +29,7 @@ from etils import epath
 
 from nfnets import models
 from nfnets import pretrained
+from nfnets import timm_weights
 from nfnets import train_step as train_step_lib
 from nfnets.errors import CheckpointError
 
@@ -155,12 +157,13 @@ class Checkpoint:
 
   Attributes:
     path: the file, or the step directory, that was read.
-    kind: 'project' (orbax, written by this project) or 'reference' (a published pickle).
+    kind: 'project' (orbax, written by this project), 'reference' (a published pickle) or 'timm' (a timm
+      NFNet state dict in a .safetensors file).
     model_config: the `config.model` section that builds the stored model.
     weight_sets: `{prefix: (params, model_state)}` with '' for the raw weights and 'ema_' for the EMA weights
       when stored; numpy arrays.
     config: the whole config of the run that wrote it (project checkpoints), else None.
-    step: the training step it was saved at (0 for reference files).
+    step: the training step it was saved at (0 for reference and timm files).
   """
   path: str
   kind: str
@@ -170,12 +173,30 @@ class Checkpoint:
   step: int
 
 
-def read(path: str | epath.PathLike) -> Checkpoint:
-  """Reads a project checkpoint or a reference `F*_haiku.npz` file. Every error names the path."""
+FILE_KINDS = ('reference', 'timm')
+
+
+def file_kind(path: str | epath.PathLike) -> str:
+  """Which kind of weights file `path` names, by its suffix: 'timm' for .safetensors, else 'reference'."""
+  return 'timm' if epath.Path(path).suffix == '.safetensors' else 'reference'
+
+
+def read(path: str | epath.PathLike, file_format: Optional[str] = None) -> Checkpoint:
+  """Reads a project checkpoint, a reference `F*_haiku.npz` file or a timm `.safetensors` file.
+
+  `file_format` ('reference' or 'timm') insists on a file of that kind; by default a file's suffix decides.
+  Every error names the path.
+  """
   source = epath.Path(path)
+  if file_format is not None and file_format not in FILE_KINDS:
+    raise CheckpointError(f'unknown weights file format {file_format!r}; known: {", ".join(FILE_KINDS)}')
+  if file_format is not None and not source.is_file():
+    raise CheckpointError(f'{source} is not a file; a {file_format} checkpoint is one file')
   if source.is_file():
-    params, model_config = pretrained.load_reference(source)
-    return Checkpoint(str(source), 'reference', model_config, {'': (params, {})}, None, 0)
+    kind = file_format or file_kind(source)
+    load = timm_weights.load if kind == 'timm' else pretrained.load_reference
+    params, model_config = load(source)
+    return Checkpoint(str(source), kind, model_config, {'': (params, {})}, None, 0)
   directory, step = _resolve(source)
   meta = _read_meta(directory, step)
   try:

@@ -24,7 +24,8 @@ import nfnets.data
 from nfnets.errors import UserError
 
 _CONFIG = common.define_config_flag('Config whose evaluation preprocessing to use; default: the checkpoint\'s own.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'F*_haiku.npz, a checkpoint directory or a workdir.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'F*_haiku.npz, a timm .safetensors, a checkpoint directory or a '
+                                  'workdir.')
 _TOP = flags.DEFINE_integer('top', 5, 'How many classes to print per image.')
 flags.mark_flag_as_required('checkpoint')
 

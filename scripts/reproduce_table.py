@@ -2,8 +2,8 @@
 
   # parameters and MACs only (abstract tracing, well under a minute on a CPU)
   python -m scripts.reproduce_table --out results/
-  # and the top-1/top-5 of every checkpoint in a folder (reference F*_haiku.npz files, converted or trained
-  # project checkpoints) on ImageNet's validation split, each at its variant's test resolution
+  # and the top-1/top-5 of every checkpoint in a folder (reference F*_haiku.npz files, timm .safetensors files,
+  # converted or trained project checkpoints) on ImageNet's validation split, each at its variant's test resolution
   python -m scripts.reproduce_table --checkpoints ~/nfnet_checkpoints --out results/ \
       --config.data.data_dir=~/tensorflow_datasets
 
@@ -43,7 +43,8 @@ from nfnets.errors import UserError
 common.define_config_flag('Not a file here: each row uses configs/nfnet.py:ROW; give only --config.x '
                              'overrides, applied to every row.')
 _CHECKPOINTS = flags.DEFINE_string('checkpoints', None, 'A folder of checkpoints to evaluate: reference '
-                                   'F*_haiku.npz files and/or project checkpoint directories (workdirs).')
+                                   'F*_haiku.npz files, timm dm_nfnet .safetensors files and/or project '
+                                   'checkpoint directories (workdirs).')
 _OUT = flags.DEFINE_string('out', None, 'Folder for table.md and table.csv (local or gs://).')
 _ROWS = flags.DEFINE_list('rows', list(nfnet_configs.PUBLISHED), 'Published rows to show.')
 
@@ -108,16 +109,17 @@ def _count(model_json: str, resolution: int) -> tuple[int, int]:
 
 
 def checkpoint_paths(folder: str) -> tuple[list[epath.Path], list[str]]:
-  """The candidate checkpoints in `folder` (.npz files and directories), and a line for each other entry."""
+  """The candidate checkpoints in `folder` (.npz and .safetensors files, directories), and a line for each other
+  entry."""
   root = epath.Path(folder).expanduser()
   if not root.is_dir():
     raise UserError(f'--checkpoints {folder} is not a folder')
   paths, skipped = [], []
   for entry in sorted(root.iterdir(), key=lambda p: p.name):
-    if entry.is_dir() or entry.name.endswith('.npz'):
+    if entry.is_dir() or entry.name.endswith(('.npz', '.safetensors')):
       paths.append(entry)
     else:
-      skipped.append(f'{entry}: not a checkpoint (neither an .npz file nor a checkpoint directory)')
+      skipped.append(f'{entry}: not a checkpoint (neither an .npz or .safetensors file nor a checkpoint directory)')
   if not paths:
     skipped.append(f'measured accuracy: no checkpoints in {root}')
   return paths, skipped

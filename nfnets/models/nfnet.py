@@ -122,7 +122,8 @@ class NFNet(hk.Module):
   ({block module name: {'avg_sq_mean', 'avg_var', 'res_avg_var'}}, float32 scalars of the
   block output's channel statistics and of the residual branch's variance).
 
-  `width` multiplies the stage widths; `depths`/`widths` override the variant's. `drop_rate` is the head's
+  `width` multiplies the stage widths; `depths`/`widths` override the variant's; `stem_width` sets the stem's
+  output width (default: half the first stage's width, as in every published variant). `drop_rate` is the head's
   dropout (the paper's per-variant rates are in configs/nfnet.py). `grouped_conv`
   picks how grouped 3x3 convs run: 'native' (one grouped conv), 'split' (one conv per group,
   same parameters and results; much faster on XLA CPU) or 'auto' (split on CPU only).
@@ -132,7 +133,8 @@ class NFNet(hk.Module):
                alpha: float = 0.2, se_ratio: float = 0.5, stochdepth_rate: float = 0.25,
                drop_rate: float = 0.0, activation: str = 'gelu',
                depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
-               group_width: int = 128, grouped_conv: str = 'auto', name: str = 'NFNet'):
+               group_width: int = 128, grouped_conv: str = 'auto', stem_width: int | None = None,
+               name: str = 'NFNet'):
     super().__init__(name=name)
     config = get_variant(variant)
     self.num_classes = num_classes
@@ -145,12 +147,12 @@ class NFNet(hk.Module):
     self.drop_rate = drop_rate
     self.activation = layers.get_activation(activation)
     conv = lambda ch, stride, name: layers.WSConv2D(ch, 3, stride=stride, name=name)
-    stem_widths = (*STEM_WIDTHS, self.widths[0] // 2)
+    stem_widths = (*STEM_WIDTHS, stem_width or self.widths[0] // 2)
     self.stem = [conv(ch, stride, f'stem_conv{i}')
                  for i, (ch, stride) in enumerate(zip(stem_widths, STEM_STRIDES))]
     self.blocks = []
     num_blocks = sum(self.depths)
-    channels = self.widths[0] // 2
+    channels = stem_widths[-1]
     expected_std = 1.0
     for stage_width, depth, stride in zip(self.widths, self.depths, STRIDES):
       for index_in_stage in range(depth):
@@ -246,6 +248,8 @@ def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
       # Architecture overrides for small presets; None keeps the variant's table entry.
       depths=ml_collections.config_dict.placeholder(tuple),
       widths=ml_collections.config_dict.placeholder(tuple),
+      # None: half the first stage's width. timm's NFNets keep a 128-wide stem whatever their widths.
+      stem_width=ml_collections.config_dict.placeholder(int),
   ))
 
 
