@@ -70,6 +70,12 @@ def transform(image: Image.Image, coefficients: Sequence[float],
   key = tuple(float(np.float32(v)) for v in coefficients)
   if len(key) != 6:
     raise ValueError(f'An affine transform has 6 coefficients, got {len(key)}.')
+  a, b, c, d, e, f = key
+  if (a, b, d, e) == (1.0, 0.0, 0.0, 1.0) and c.is_integer() and f.is_integer():
+    # A whole-pixel translation reads input (x + c, y + f) exactly: a copy, done by Pillow.
+    shifted = Image.new('RGB', image.size, fill)
+    shifted.paste(image, (-int(c), -int(f)))
+    return shifted
   indices = _source_indices(height, width, key)
   pixels = np.empty(height * width + 1, np.uint32)
   pixels[:-1] = np.frombuffer(image.tobytes('raw', 'RGBX'), np.uint32)

@@ -178,6 +178,7 @@ def _blend(degenerate: Image.Image, image: Image.Image, factor: float) -> Image.
 
 # tf.image.rgb_to_grayscale's weights, applied by TF in float32.
 _GREY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)
+_INV_255 = np.float32(1 / 255)  # convert_image_dtype's scale, a float64 1/255 rounded to float32
 
 
 def tf_grey(pixels: np.ndarray) -> np.ndarray:
@@ -185,13 +186,18 @@ def tf_grey(pixels: np.ndarray) -> np.ndarray:
   # TF scales to [0, 1] by x float32(1/255), sums the weighted channels (left to right; another
   # order or an FMA changes 31-47 of the 2^24 colours), and converts back by x 255.5, truncating.
   # Pillow's convert('L') rounds integer weights instead: one level higher on ~27 % of pixels.
-  weighted = pixels.astype(np.float32)
-  weighted *= np.float32(1 / 255)
-  weighted *= _GREY_WEIGHTS
-  grey = weighted[..., 0] + weighted[..., 1]
-  grey += weighted[..., 2]
-  grey *= np.float32(255.5)
-  return grey.astype(np.uint8)
+  # One contiguous float32 plane per channel: twice as fast as working on interleaved pixels.
+  total = None
+  for channel, weight in enumerate(_GREY_WEIGHTS):
+    term = pixels[..., channel].astype(np.float32)
+    term *= _INV_255
+    term *= weight
+    if total is None:
+      total = term
+    else:
+      total += term
+  total *= np.float32(255.5)
+  return total.astype(np.uint8)
 
 
 def color(image, factor, rng):
