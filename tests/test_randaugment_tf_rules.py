@@ -245,3 +245,14 @@ def test_flat_channels_and_grey_images(photo, magnitude):
       np.testing.assert_array_equal(_apply(image, name, factor), tf_enhance(image, name, factor))
   factor = ra.LEVEL_TO_ARG['Sharpness'](magnitude, None)
   assert (_apply(flat, 'Sharpness', factor)[..., 1] == 77).all()
+
+
+@pytest.mark.parametrize('shape', [(90, 17), (17, 90)], ids=['tall', 'wide'])
+@pytest.mark.parametrize('name,arg', [('TranslateX', 12.5), ('TranslateY', -7.5), ('TranslateX', -0.25),
+                                      ('ShearX', 0.45), ('ShearX', -0.45), ('ShearY', 0.3)])
+def test_fractional_translations_and_shears_that_empty_whole_rows(shape, name, arg):
+  # Whole-pixel translations are copies and ShearX is row copies; a fractional translation (half
+  # pixels are ties: +12.5 reads x + 13) and a shear that moves whole rows out of a tall image take
+  # the general gather. All follow the same rule.
+  image = np.random.default_rng(3).integers(0, 256, shape + (3,), np.uint8)
+  np.testing.assert_array_equal(_apply(image, name, arg), tf_geometric(image, name, arg))
