@@ -14,8 +14,10 @@ on 9-20 % of them, and even with shifted coefficients it settles the many exact 
 
 Which input pixel lands where depends only on the image size and the six coefficients, and RandAugment
 uses few of them (a fixed magnitude with two signs per op), so the map is computed once per
-(size, coefficients) and cached; applying an op is then one gather. The gather runs on Pillow's own
-4-byte pixel layout (RGBX), so an image leaves and re-enters Pillow without repacking.
+(size, coefficients) and cached. Applying it: a whole-pixel translation is a Pillow paste; a map that
+keeps rows (ShearX) is one shifted copy per row plus the few pixels where a float32 tie breaks the
+row's shift; anything else (Rotate, ShearY) one gather. The numpy work runs on Pillow's own 4-byte
+pixel layout (RGBX), so an image leaves and re-enters Pillow without repacking.
 """
 import functools
 import math

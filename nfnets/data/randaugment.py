@@ -185,7 +185,7 @@ def tf_grey(pixels: np.ndarray) -> np.ndarray:
   """tf.image.rgb_to_grayscale of uint8 [..., 3] pixels, as uint8 [...]."""
   # TF scales to [0, 1] by x float32(1/255), sums the weighted channels (left to right; another
   # order or an FMA changes 31-47 of the 2^24 colours), and converts back by x 255.5, truncating.
-  # Pillow's convert('L') rounds integer weights instead: one level higher on ~27 % of pixels.
+  # Pillow's convert('L') rounds integer weights instead: one level higher on 16-26 % of a photo.
   # One contiguous float32 plane per channel: twice as fast as working on interleaved pixels.
   total = None
   for channel, weight in enumerate(_GREY_WEIGHTS):
