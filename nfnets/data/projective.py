@@ -98,8 +98,11 @@ def _row_windows(indices: np.ndarray) -> Optional[_RowWindows]:
   # A pixel that should be fill reads padding column 0.
   fix_from = fix_rows * padded_width + np.where(inside[wrong], source_columns[wrong] + pad, 0)
   starts = np.arange(height) * padded_width + pad + shifts
-  return _RowWindows(pad, starts, (fix_rows * width + fix_columns).astype(np.intp),
-                     fix_from.astype(np.intp))
+  arrays = [starts.astype(np.intp), (fix_rows * width + fix_columns).astype(np.intp),
+            fix_from.astype(np.intp)]
+  for array in arrays:  # Cached and shared by every call.
+    array.setflags(write=False)
+  return _RowWindows(pad, *arrays)
 
 
 def _most_common(values: np.ndarray) -> int:
