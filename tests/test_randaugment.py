@@ -34,11 +34,15 @@ def test_magnitude_zero_is_identity_for_geometric_and_additive_ops(photo, name):
 @pytest.mark.parametrize('name', ['Color', 'Contrast', 'Brightness', 'Sharpness'])
 def test_enhance_ops_are_identity_at_five_and_match_pillow_at_zero_and_ten(photo, name):
   # The reference maps M to factor 1.8 M / 10 + 0.1, so M = 5 is the identity, not M = 0.
+  # Color and Sharpness blend towards TF's degenerate images, which truncate where Pillow's round
+  # (exact rules: test_randaugment_tf_rules.py): within one level of Pillow's up to M = 10.
   np.testing.assert_array_equal(ra.apply_op(photo, name, 5, _rng()), photo)
   enhancer = getattr(ImageEnhance, name)(Image.fromarray(photo))
+  tolerance = 1 if name in ('Color', 'Sharpness') else 0
   for magnitude, factor in [(0, 0.1), (10, 1.9)]:
     out = ra.apply_op(photo, name, magnitude, _rng(), semantics='corrected')
-    np.testing.assert_array_equal(out, np.asarray(enhancer.enhance(factor)))
+    expected = np.asarray(enhancer.enhance(factor))
+    assert np.abs(out.astype(np.int16) - expected).max() <= tolerance
     assert not np.array_equal(out, photo)
 
 

@@ -1,4 +1,4 @@
-"""RandAugment (Cubuk et al. 2019) with the reference's 16 ops and magnitude mappings, on Pillow.
+"""RandAugment (Cubuk et al. 2019) with the reference's 16 ops and magnitude mappings, on uint8.
 
 `randaugment(image, rng, num_layers, magnitude, semantics)` applies `num_layers` ops, each drawn
 uniformly from `OPS` and always applied, at the shared magnitude M (out of `MAX_LEVEL` = 10; larger M,
@@ -23,15 +23,23 @@ reproduces that; `'corrected'` does what the ops are meant to do:
 | TranslateX, TranslateY | 100 * M / 10 pixels, random sign, NOT scaled by image size | same | same |
 | Cutout | grey square of half-side int(40 * M / 10) px, centre uniform, clipped | same | same |
 
-Geometric ops use nearest-neighbour sampling (the default of the TF ops the reference called).
-Enhance ops blend with Pillow's degenerate images (grey, mean grey, black, SMOOTH-filtered); a blend
-truncates to uint8 as TF's does.
+Every op computes what the reference's TensorFlow op computed on uint8 images, pixel for pixel:
+Rotate, ShearX/ShearY and TranslateX/TranslateY go through TF's projective-transform rule
+(`nfnets.data.projective`: float32 coordinates of pixel indices, rounded half away from zero, fill
+outside); the enhance ops blend in float32 and truncate as TF's `blend` did, Color towards
+`tf.image.rgb_to_grayscale`'s grey (float32 weights 0.2989, 0.5870, 0.1140, back to uint8 by x 255.5
+and truncation), Sharpness towards the 3x3 smoothing [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 truncated
+(floor) with the border pixels kept, Brightness towards black. docs/randaugment.md gives the rule of
+each op and how it is tested.
 """
 import functools
+import math
 from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 from PIL import Image
+
+from nfnets.data import projective
 
 MAX_LEVEL = 10.0
 FILL = (128, 128, 128)
@@ -106,12 +114,6 @@ def _cached_table(kind: str, arg: int) -> Tuple[int, ...]:
   return tuple(int(v) for v in table) * 3
 
 
-def _affine(image: Image.Image, coefficients: Tuple[float, ...]) -> Image.Image:
-  # Coefficients map output (x, y) to input (a x + b y + c, d x + e y + f), as TF's transform does.
-  return image.transform(image.size, Image.AFFINE, coefficients, resample=Image.NEAREST,
-                         fillcolor=FILL)
-
-
 # The ops: (PIL RGB image, argument from LEVEL_TO_ARG, numpy Generator) -> new PIL RGB image.
 
 
@@ -148,7 +150,8 @@ def invert(image, arg, rng):
 
 
 def rotate(image, degrees, rng):
-  return image.rotate(degrees, resample=Image.NEAREST, fillcolor=FILL)
+  radians = degrees * (math.pi / 180.0)  # As the reference converted, in float64.
+  return projective.transform(image, projective.rotation(radians, image.height, image.width), FILL)
 
 
 def posterize(image, bits, rng):
@@ -173,10 +176,35 @@ def _blend(degenerate: Image.Image, image: Image.Image, factor: float) -> Image.
   return image if factor == 1.0 else Image.blend(degenerate, image, factor)
 
 
+# tf.image.rgb_to_grayscale's weights, applied by TF in float32.
+_GREY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], np.float32)
+_INV_255 = np.float32(1 / 255)  # convert_image_dtype's scale, a float64 1/255 rounded to float32
+
+
+def tf_grey(pixels: np.ndarray) -> np.ndarray:
+  """tf.image.rgb_to_grayscale of uint8 [..., 3] pixels, as uint8 [...]."""
+  # TF scales to [0, 1] by x float32(1/255), sums the weighted channels (left to right; another
+  # order or an FMA changes 31-47 of the 2^24 colours), and converts back by x 255.5, truncating.
+  # Pillow's convert('L') rounds integer weights instead: one level higher on 16-26 % of a photo.
+  # One contiguous float32 plane per channel: twice as fast as working on interleaved pixels.
+  total = None
+  for channel, weight in enumerate(_GREY_WEIGHTS):
+    term = pixels[..., channel].astype(np.float32)
+    term *= _INV_255
+    term *= weight
+    if total is None:
+      total = term
+    else:
+      total += term
+  total *= np.float32(255.5)
+  return total.astype(np.uint8)
+
+
 def color(image, factor, rng):
   if factor == 1.0:  # Identity (M = 5): skip building the degenerate image too.
     return image
-  return _blend(image.convert('L').convert('RGB'), image, factor)
+  grey = Image.fromarray(tf_grey(np.asarray(image)))
+  return _blend(grey.convert('RGB'), image, factor)
 
 
 def contrast(image, factor, rng):
@@ -201,37 +229,44 @@ def brightness(image, factor, rng):
   return _blend(Image.new('RGB', image.size, (0, 0, 0)), image, factor)
 
 
+def tf_smooth(pixels: np.ndarray) -> np.ndarray:
+  """The reference's Sharpness degenerate image of uint8 [H, W, 3] pixels (borders kept)."""
+  # TF convolved the interior with [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 in float32 and truncated.
+  # The exact value is S / 13 for the integer weighted sum S, within 1e-4 of TF's float32 result,
+  # so truncation is floor(S / 13) (Pillow's SMOOTH rounds instead). Where S is a multiple of 13, TF's
+  # own result depends on its CPU kernel (oneDNN on or off); floor keeps such pixels, e.g. a flat
+  # region, unchanged. The 3x3 box sum is separable: column sums, then row sums.
+  wide = pixels.astype(np.uint16)
+  columns = wide[:-2] + wide[1:-1]
+  columns += wide[2:]
+  total = columns[:, :-2] + columns[:, 1:-1]
+  total += columns[:, 2:]
+  total += wide[1:-1, 1:-1] << 2
+  smoothed = pixels.copy()
+  smoothed[1:-1, 1:-1] = total // 13
+  return smoothed
+
+
 def sharpness(image, factor, rng):
   if factor == 1.0:
     return image
-  # Pillow's SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 on the interior, borders kept;
-  # numpy shifted sums are several times faster than ImageFilter here.
-  pixels = np.asarray(image)
-  height, width = pixels.shape[:2]
-  wide = pixels.astype(np.uint16)
-  total = 4 * wide[1:-1, 1:-1]
-  for dy in range(3):
-    for dx in range(3):
-      total += wide[dy:dy + height - 2, dx:dx + width - 2]
-  smoothed = pixels.copy()
-  smoothed[1:-1, 1:-1] = (total + 6) // 13
-  return _blend(Image.fromarray(smoothed), image, factor)
+  return _blend(Image.fromarray(tf_smooth(np.asarray(image))), image, factor)
 
 
 def shear_x(image, level, rng):
-  return _affine(image, (1.0, level, 0.0, 0.0, 1.0, 0.0))
+  return projective.transform(image, (1.0, level, 0.0, 0.0, 1.0, 0.0), FILL)
 
 
 def shear_y(image, level, rng):
-  return _affine(image, (1.0, 0.0, 0.0, level, 1.0, 0.0))
+  return projective.transform(image, (1.0, 0.0, 0.0, level, 1.0, 0.0), FILL)
 
 
 def translate_x(image, pixels, rng):
-  return _affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
+  return projective.transform(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), FILL)
 
 
 def translate_y(image, pixels, rng):
-  return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
+  return projective.transform(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), FILL)
 
 
 def cutout(image, half_size, rng):
