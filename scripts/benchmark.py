@@ -1,6 +1,7 @@
 """Benchmarks, one sub-command each; every run prints ONE JSON line.
 
   python -m scripts.benchmark input --config configs/nfnet.py:F0 [--num_images 256] [--seconds 10]
+  python -m scripts.benchmark input --config configs/nfnet.py:F0 --workers N [--batch_size 256]
   python -m scripts.benchmark train --config configs/nfnet.py:F0 --resolution 192 --batch 8 \
       --dtype float32 --steps 5 [--baseline native] [--config.model.grouped_conv=native]
   python -m scripts.benchmark eval --config configs/nfnet.py:F0 --resolution 256 --batch 8
@@ -24,6 +25,14 @@ RandAugment on PIL images with bilinear geometric ops). Both consume the same tw
 and produce uint8 images and mixed targets. Both run in this process pinned to one core, alternating
 in rounds so that load drift hits both; the project's transform is then run once more with one
 pinned process per available core for the total rate. Rates count training examples.
+
+With `--workers N` (-1: as many as the usable cores give, 0: threads of this process only), `input`
+instead times the training pipeline itself, `nfnets.data.pipeline.make_train_iterator` with
+`config.data.num_workers = N` on the generated JPEGs (one host, one device, `--batch_size` examples
+per batch), worker processes included: training examples/s after the first batch (which pays for
+starting the workers), the rate per core doing the work (min(max(N, 1), usable cores)), the worker
+layout, the bound on the memory in flight (`nfnets.data.workers.memory_in_flight_bytes`) and the
+largest total size of grain's shared memory seen while it ran (the chunks travelling from workers).
 
 The JPEGs are made from the two photos shipped with scikit-learn (china.jpg, flower.jpg, 427x640): a
 random crop (aspect 0.6-1.7, 35-100 % of the area) resized to a long side of 300-500 px (80 %) or
@@ -272,6 +281,84 @@ def run_input(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   }
 
 
+class _CyclingSource:
+  """`length` examples {'image': JPEG bytes, 'label': int} cycling through `jpegs`."""
+
+  def __init__(self, jpegs: Sequence[bytes], length: int):
+    self._jpegs, self._length = list(jpegs), length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    if not 0 <= index < self._length:
+      raise IndexError(index)
+    return {'image': self._jpegs[index % len(self._jpegs)], 'label': index % NUM_CLASSES}
+
+
+def _shared_memory_bytes() -> int:
+  total = 0
+  for entry in os.scandir('/dev/shm') if os.path.isdir('/dev/shm') else ():
+    try:
+      total += entry.stat().st_size
+    except OSError:  # freed while listing
+      pass
+  return total
+
+
+def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Examples/s of the training pipeline as training runs it, with `args.workers` worker processes."""
+  from nfnets.data import pipeline, workers  # Imports JAX: only this mode needs it.
+  settings = input_settings(config)
+  data = config.data.copy_and_resolve_references()
+  data.num_workers = args.workers
+  layout = workers.WorkerLayout.from_config(args.workers)
+  with tempfile.TemporaryDirectory() as directory:
+    jpegs = make_jpegs(args.num_images, directory, args.seed)
+  batch = args.batch_size
+  source = _CyclingSource(jpegs, max(args.num_images, 2 * batch * crops_per_example(settings)))
+  shared_before = _shared_memory_bytes()
+  iterator = pipeline.make_train_iterator(data, global_batch_size=batch, seed=args.seed,
+                                          num_classes=NUM_CLASSES, process_index=0, process_count=1,
+                                          local_device_count=1, source=source)
+  try:
+    start = time.perf_counter()
+    next(iterator)
+    first = time.perf_counter()
+    batches, shared_peak = 0, 0
+    while True:
+      next(iterator)
+      batches += 1
+      shared_peak = max(shared_peak, _shared_memory_bytes() - shared_before)
+      elapsed = time.perf_counter() - first
+      if elapsed >= args.seconds:
+        break
+  finally:
+    iterator.close()
+  cores = len(os.sched_getaffinity(0))
+  example_bytes = pipeline.train_example_bytes(settings['train_resolution'], NUM_CLASSES)
+  chunk = workers.chunk_size(batch, example_bytes)
+  rate = batches * batch / elapsed
+  return {
+      'benchmark': 'input_pipeline',
+      'config': common.config_name(),
+      **settings,
+      'workers': layout.workers,
+      'threads_per_worker': layout.threads,
+      'cores': cores,
+      'batch_size': batch,
+      'chunk_size': chunk,
+      'crops_per_example': crops_per_example(settings),
+      'first_batch_s': round(first - start, 2),
+      'timed_batches': batches,
+      'examples_per_s': round(rate, 1),
+      'examples_per_s_per_core': round(rate / min(max(layout.workers, 1), cores), 1),
+      'memory_in_flight_bound_bytes': workers.memory_in_flight_bytes(
+          layout, per_host=batch, chunk=chunk, example_bytes=example_bytes),
+      'shared_memory_peak_bytes': shared_peak,
+  }
+
+
 def run_step(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The train or eval step benchmark (`args.command`) of `config` with the command line's overrides."""
   from scripts import step_benchmark  # Imports JAX and the model: only the step benchmarks need them.
@@ -294,6 +381,8 @@ _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timing budget per transform on o
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Examples per timed batch.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Alternations project/baseline within the time budget.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated JPEGs and the transforms.')
+_WORKERS = flags.DEFINE_integer('workers', None, 'input: time the training pipeline itself with this '
+                                'config.data.num_workers (-1: from the usable cores; 0: threads only).')
 _RESOLUTION = flags.DEFINE_integer('resolution', None, "train/eval: image size; default: the config's train "
                                    '(eval) resolution.')
 _BATCH = flags.DEFINE_integer('batch', 8, 'train/eval: batch size on the one device.')
@@ -321,8 +410,14 @@ def main(argv: Sequence[str]) -> None:
   if argv[1] == 'input':
     if _NUM_IMAGES.value < 1 or _SECONDS.value < 0 or _BATCH_SIZE.value < 1 or _ROUNDS.value < 1:
       raise ConfigError('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
+    if (_WORKERS.value or 0) < -1:
+      raise ConfigError('need --workers >= -1')
     args = types.SimpleNamespace(num_images=_NUM_IMAGES.value, seconds=_SECONDS.value,
-                                 batch_size=_BATCH_SIZE.value, rounds=_ROUNDS.value, seed=_SEED.value)
+                                 batch_size=_BATCH_SIZE.value, rounds=_ROUNDS.value, seed=_SEED.value,
+                                 workers=_WORKERS.value)
+    if args.workers is not None:
+      print(json.dumps(run_input_pipeline(args, _CONFIG.value)), flush=True)
+      return
   else:
     args = _step_args(argv[1])
   print(json.dumps(SUBCOMMANDS[argv[1]](args, _CONFIG.value)), flush=True)

@@ -36,8 +36,26 @@ def test_input_benchmark_prints_one_json_line(tmp_path):
   assert report['timed_images']['project'] % 4 == 0 and report['timed_images']['project'] >= 4
 
 
+def test_input_benchmark_times_the_pipeline_with_its_worker_processes():
+  result = _run('input', '--config', 'configs/nfnet.py:F0', '--config.data.train_resolution=32',
+                '--workers', '1', '--num_images', '8', '--seconds', '0.2', '--batch_size', '4')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1
+  report = json.loads(lines[0])
+  assert report['benchmark'] == 'input_pipeline' and report['config'] == 'F0'
+  assert report['workers'] == 1 and report['threads_per_worker'] >= 2 and report['train_resolution'] == 32
+  assert report['timed_batches'] >= 1 and report['examples_per_s'] > 0
+  assert report['examples_per_s_per_core'] == pytest.approx(report['examples_per_s'], rel=0.01)
+  # The chunks travel through shared memory: the worker process really made them.
+  assert report['shared_memory_peak_bytes'] > 0
+  bound = report['memory_in_flight_bound_bytes']
+  assert bound['assembling'] == 2 * 4 * (32 * 32 * 3 + 4 * benchmark.NUM_CLASSES)
+
+
 def test_unknown_subcommand_and_bad_sizes_are_rejected():
-  for args in (['train_stepx'], ['input', '--num_images', '0'], ['input', '--config', 'configs/absent.py:F0']):
+  for args in (['train_stepx'], ['input', '--num_images', '0'], ['input', '--config', 'configs/absent.py:F0'],
+               ['input', '--workers', '-2']):
     result = _run(*args)
     assert result.returncode != 0 and result.stderr.startswith('error:') and result.stderr.count('\n') == 1
 
