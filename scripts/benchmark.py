@@ -31,14 +31,20 @@ instead times the training pipeline itself, `nfnets.data.pipeline.make_train_ite
 `config.data.num_workers = N` on the generated JPEGs (one host, one device, `--batch_size` examples
 per batch), worker processes included: training examples/s after the first batch (which pays for
 starting the workers), the rate per core doing the work (min(max(N, 1), usable cores)), the worker
-layout, the bound on the memory in flight (`nfnets.data.workers.memory_in_flight_bytes`) and the
-largest total size of grain's shared memory seen while it ran (the chunks travelling from workers).
+layout, the bound on the memory in flight (`nfnets.data.workers.memory_in_flight_bytes`), the
+largest total size of grain's shared memory seen while it ran (the chunks travelling from workers),
+and the CPU seconds this process and its workers used meanwhile: `examples_per_cpu_s` is the rate per
+busy core, which processes competing for the cores (a shared machine) lower far less than the
+wall-clock rate, and `cores_busy` how many cores the pipeline kept busy.
+`--eval_pipeline` times the evaluation pipeline (`make_eval_iterator`, the config's eval resolution,
+float32 images) the same way; its rates count images.
 
 The JPEGs are made from the two photos shipped with scikit-learn (china.jpg, flower.jpg, 427x640): a
 random crop (aspect 0.6-1.7, 35-100 % of the area) resized to a long side of 300-500 px (80 %) or
 500-900 px (20 %), saved at JPEG quality 70-95, roughly ImageNet's spread of sizes and qualities.
 """
 import concurrent.futures
+import glob
 import io
 import json
 import multiprocessing
@@ -306,6 +312,30 @@ def _shared_memory_bytes() -> int:
   return total
 
 
+def _process_tree_cpu_seconds() -> float:
+  """CPU seconds used so far by this process and its live descendants (the workers; Linux's /proc)."""
+  ticks = os.sysconf('SC_CLK_TCK')
+  total = sum(os.times()[:2])
+  pending = [os.getpid()]
+  while pending:
+    pid = pending.pop()
+    for children in glob.glob(f'/proc/{pid}/task/*/children'):
+      try:
+        with open(children) as f:
+          kids = f.read().split()
+      except OSError:
+        continue
+      for kid in kids:
+        try:
+          with open(f'/proc/{kid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:  # ended meanwhile
+          continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime and stime (stat's fields 14, 15)
+        pending.append(int(kid))
+  return total
+
+
 def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Examples/s of the training pipeline as training runs it, with `args.workers` worker processes."""
   from nfnets.data import pipeline, workers  # Imports JAX: only this mode needs it.
@@ -316,15 +346,23 @@ def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any
   with tempfile.TemporaryDirectory() as directory:
     jpegs = make_jpegs(args.num_images, directory, args.seed)
   batch = args.batch_size
-  source = _CyclingSource(jpegs, max(args.num_images, 2 * batch * crops_per_example(settings)))
   shared_before = _shared_memory_bytes()
-  iterator = pipeline.make_train_iterator(data, global_batch_size=batch, seed=args.seed,
-                                          num_classes=NUM_CLASSES, process_index=0, process_count=1,
-                                          local_device_count=1, source=source)
+  layout_kwargs = dict(global_batch_size=batch, process_index=0, process_count=1, local_device_count=1)
+  if args.eval_pipeline:
+    # Finite: enough batches for far longer than the timing budget at any realistic rate.
+    source = _CyclingSource(jpegs, batch * 100_000)
+    iterator = pipeline.make_eval_iterator(data, source=source, **layout_kwargs)
+    example_bytes = pipeline.eval_example_bytes(data.eval_resolution)
+  else:
+    source = _CyclingSource(jpegs, max(args.num_images, 2 * batch * crops_per_example(settings)))
+    iterator = pipeline.make_train_iterator(data, seed=args.seed, num_classes=NUM_CLASSES,
+                                            source=source, **layout_kwargs)
+    example_bytes = pipeline.train_example_bytes(settings['train_resolution'], NUM_CLASSES)
   try:
     start = time.perf_counter()
     next(iterator)
     first = time.perf_counter()
+    cpu_start = _process_tree_cpu_seconds()
     batches, shared_peak = 0, 0
     while True:
       next(iterator)
@@ -333,16 +371,17 @@ def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any
       elapsed = time.perf_counter() - first
       if elapsed >= args.seconds:
         break
+    cpu_seconds = _process_tree_cpu_seconds() - cpu_start
   finally:
     iterator.close()
   cores = len(os.sched_getaffinity(0))
-  example_bytes = pipeline.train_example_bytes(settings['train_resolution'], NUM_CLASSES)
   chunk = workers.chunk_size(batch, example_bytes)
   rate = batches * batch / elapsed
   return {
-      'benchmark': 'input_pipeline',
+      'benchmark': 'eval_pipeline' if args.eval_pipeline else 'input_pipeline',
       'config': common.config_name(),
       **settings,
+      'eval_resolution': data.eval_resolution,
       'workers': layout.workers,
       'threads_per_worker': layout.threads,
       'cores': cores,
@@ -353,9 +392,15 @@ def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any
       'timed_batches': batches,
       'examples_per_s': round(rate, 1),
       'examples_per_s_per_core': round(rate / min(max(layout.workers, 1), cores), 1),
+      # CPU time of this process and its workers while timed: the rate per busy core, which other
+      # processes competing for the cores do not lower as they lower the wall-clock rate.
+      'cpu_seconds': round(cpu_seconds, 2),
+      'cores_busy': round(cpu_seconds / elapsed, 2),
+      'examples_per_cpu_s': round(batches * batch / cpu_seconds, 1) if cpu_seconds > 0 else None,
       'memory_in_flight_bound_bytes': workers.memory_in_flight_bytes(
           layout, per_host=batch, chunk=chunk, example_bytes=example_bytes),
       'shared_memory_peak_bytes': shared_peak,
+      'load_average_1min': round(os.getloadavg()[0], 1),  # other processes' share of the cores
   }
 
 
@@ -383,6 +428,7 @@ _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Alternations project/baseline withi
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated JPEGs and the transforms.')
 _WORKERS = flags.DEFINE_integer('workers', None, 'input: time the training pipeline itself with this '
                                 'config.data.num_workers (-1: from the usable cores; 0: threads only).')
+_EVAL_PIPELINE = flags.DEFINE_bool('eval_pipeline', False, 'input --workers N: time the evaluation pipeline.')
 _RESOLUTION = flags.DEFINE_integer('resolution', None, "train/eval: image size; default: the config's train "
                                    '(eval) resolution.')
 _BATCH = flags.DEFINE_integer('batch', 8, 'train/eval: batch size on the one device.')
@@ -414,7 +460,7 @@ def main(argv: Sequence[str]) -> None:
       raise ConfigError('need --workers >= -1')
     args = types.SimpleNamespace(num_images=_NUM_IMAGES.value, seconds=_SECONDS.value,
                                  batch_size=_BATCH_SIZE.value, rounds=_ROUNDS.value, seed=_SEED.value,
-                                 workers=_WORKERS.value)
+                                 workers=_WORKERS.value, eval_pipeline=_EVAL_PIPELINE.value)
     if args.workers is not None:
       print(json.dumps(run_input_pipeline(args, _CONFIG.value)), flush=True)
       return

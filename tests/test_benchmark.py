@@ -49,6 +49,7 @@ def test_input_benchmark_times_the_pipeline_with_its_worker_processes():
   assert report['examples_per_s_per_core'] == pytest.approx(report['examples_per_s'], rel=0.01)
   # The chunks travel through shared memory: the worker process really made them.
   assert report['shared_memory_peak_bytes'] > 0
+  assert report['cpu_seconds'] > 0 and report['examples_per_cpu_s'] > 0
   bound = report['memory_in_flight_bound_bytes']
   assert bound['assembling'] == 2 * 4 * (32 * 32 * 3 + 4 * benchmark.NUM_CLASSES)
 

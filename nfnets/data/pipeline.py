@@ -106,8 +106,9 @@ def make_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     local_device_count: int | None = None,
+    source: Sequence[dict[str, Any]] | None = None,
 ) -> grain.DatasetIterator:
-  """A finite iterator over `data_config.eval_split`, each example of this host's slice once.
+  """A finite iterator over `data_config.eval_split` (or `source`), each example of this host's slice once.
 
   Yields `num_eval_batches(...)` batches {'images': float32 [ld, pd, R, R, 3] normalised,
   'labels': int32 [ld, pd], 'mask': float32 [ld, pd]}; padding examples are zeros with mask 0.
@@ -115,7 +116,8 @@ def make_eval_iterator(
   process_index, process_count, local_device_count = _host_layout(
       process_index, process_count, local_device_count)
   per_host = host_batch_size(global_batch_size, process_count, local_device_count)
-  source = sources.get_source(data_config, data_config.eval_split)
+  if source is None:
+    source = sources.get_source(data_config, data_config.eval_split)
   num_batches = _num_eval_batches(len(source), per_host, process_count)
   padded = _PaddedHostSlice(source, process_index, process_count, num_batches * per_host)
   examples = grain.MapDataset.source(padded).map(
