@@ -231,6 +231,14 @@ def test_resume_with_another_number_of_workers(coded_source):
   _assert_same_batches(_take(fresh, 1), single_process[2:])
 
 
+def test_a_closed_iterator_does_not_start_again():
+  iterator = _train(_data_config())
+  _take(iterator, 1)
+  iterator.close()
+  with pytest.raises(ValueError, match='closed'):
+    next(iterator)
+
+
 def test_states_of_the_unchunked_pipeline_still_resume():
   # Before chunking, grain's own states: one element was one host batch.
   assert workers.batches_consumed({'next_index': 5}) == 5

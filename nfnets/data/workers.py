@@ -141,6 +141,7 @@ class HostBatchIterator(grain.DatasetIterator):
     return iter(dataset)
 
   def __next__(self):
+    self._assert_not_closed()
     if self._num_batches is not None and self._next_batch >= self._num_batches:
       self._stop()
       raise StopIteration
