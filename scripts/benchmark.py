@@ -27,24 +27,15 @@ in rounds so that load drift hits both; the project's transform is then run once
 pinned process per available core for the total rate. Rates count training examples.
 
 With `--workers N` (-1: as many as the usable cores give, 0: threads of this process only), `input`
-instead times the training pipeline itself, `nfnets.data.pipeline.make_train_iterator` with
-`config.data.num_workers = N` on the generated JPEGs (one host, one device, `--batch_size` examples
-per batch), worker processes included: training examples/s after the first batch (which pays for
-starting the workers), the rate per core doing the work (min(max(N, 1), usable cores)), the worker
-layout, the bound on the memory in flight (`nfnets.data.workers.memory_in_flight_bytes`), the
-largest total size of grain's shared memory seen while it ran (the chunks travelling from workers),
-and the CPU seconds this process and its workers used meanwhile: `examples_per_cpu_s` is the rate per
-busy core, which processes competing for the cores (a shared machine) lower far less than the
-wall-clock rate, and `cores_busy` how many cores the pipeline kept busy.
-`--eval_pipeline` times the evaluation pipeline (`make_eval_iterator`, the config's eval resolution,
-float32 images) the same way; its rates count images.
+instead times the training pipeline itself with `config.data.num_workers = N` on the generated JPEGs,
+worker processes included (`scripts/pipeline_benchmark.py`): examples/s, per core and per CPU-second,
+the worker layout and the memory in flight; `--eval_pipeline` times the evaluation pipeline.
 
 The JPEGs are made from the two photos shipped with scikit-learn (china.jpg, flower.jpg, 427x640): a
 random crop (aspect 0.6-1.7, 35-100 % of the area) resized to a long side of 300-500 px (80 %) or
 500-900 px (20 %), saved at JPEG quality 70-95, roughly ImageNet's spread of sizes and qualities.
 """
 import concurrent.futures
-import glob
 import io
 import json
 import multiprocessing
@@ -287,121 +278,19 @@ def run_input(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   }
 
 
-class _CyclingSource:
-  """`length` examples {'image': JPEG bytes, 'label': int} cycling through `jpegs`."""
-
-  def __init__(self, jpegs: Sequence[bytes], length: int):
-    self._jpegs, self._length = list(jpegs), length
-
-  def __len__(self) -> int:
-    return self._length
-
-  def __getitem__(self, index: int) -> Dict[str, Any]:
-    if not 0 <= index < self._length:
-      raise IndexError(index)
-    return {'image': self._jpegs[index % len(self._jpegs)], 'label': index % NUM_CLASSES}
-
-
-def _shared_memory_bytes() -> int:
-  total = 0
-  for entry in os.scandir('/dev/shm') if os.path.isdir('/dev/shm') else ():
-    try:
-      total += entry.stat().st_size
-    except OSError:  # freed while listing
-      pass
-  return total
-
-
-def _process_tree_cpu_seconds() -> float:
-  """CPU seconds used so far by this process and its live descendants (the workers; Linux's /proc)."""
-  ticks = os.sysconf('SC_CLK_TCK')
-  total = sum(os.times()[:2])
-  pending = [os.getpid()]
-  while pending:
-    pid = pending.pop()
-    for children in glob.glob(f'/proc/{pid}/task/*/children'):
-      try:
-        with open(children) as f:
-          kids = f.read().split()
-      except OSError:
-        continue
-      for kid in kids:
-        try:
-          with open(f'/proc/{kid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
-        except OSError:  # ended meanwhile
-          continue
-        total += (int(fields[11]) + int(fields[12])) / ticks  # utime and stime (stat's fields 14, 15)
-        pending.append(int(kid))
-  return total
-
-
 def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """Examples/s of the training pipeline as training runs it, with `args.workers` worker processes."""
-  from nfnets.data import pipeline, workers  # Imports JAX: only this mode needs it.
+  """Examples/s of the training (or eval) pipeline as training runs it, worker processes included."""
+  from scripts import pipeline_benchmark  # Imports JAX: only this mode needs it.
   settings = input_settings(config)
-  data = config.data.copy_and_resolve_references()
-  data.num_workers = args.workers
-  layout = workers.WorkerLayout.from_config(args.workers)
   with tempfile.TemporaryDirectory() as directory:
     jpegs = make_jpegs(args.num_images, directory, args.seed)
-  batch = args.batch_size
-  shared_before = _shared_memory_bytes()
-  layout_kwargs = dict(global_batch_size=batch, process_index=0, process_count=1, local_device_count=1)
-  if args.eval_pipeline:
-    # Finite: enough batches for far longer than the timing budget at any realistic rate.
-    source = _CyclingSource(jpegs, batch * 100_000)
-    iterator = pipeline.make_eval_iterator(data, source=source, **layout_kwargs)
-    example_bytes = pipeline.eval_example_bytes(data.eval_resolution)
-  else:
-    source = _CyclingSource(jpegs, max(args.num_images, 2 * batch * crops_per_example(settings)))
-    iterator = pipeline.make_train_iterator(data, seed=args.seed, num_classes=NUM_CLASSES,
-                                            source=source, **layout_kwargs)
-    example_bytes = pipeline.train_example_bytes(settings['train_resolution'], NUM_CLASSES)
-  try:
-    start = time.perf_counter()
-    next(iterator)
-    first = time.perf_counter()
-    cpu_start = _process_tree_cpu_seconds()
-    batches, shared_peak = 0, 0
-    while True:
-      next(iterator)
-      batches += 1
-      shared_peak = max(shared_peak, _shared_memory_bytes() - shared_before)
-      elapsed = time.perf_counter() - first
-      if elapsed >= args.seconds:
-        break
-    cpu_seconds = _process_tree_cpu_seconds() - cpu_start
-  finally:
-    iterator.close()
-  cores = len(os.sched_getaffinity(0))
-  chunk = workers.chunk_size(batch, example_bytes)
-  rate = batches * batch / elapsed
-  return {
-      'benchmark': 'eval_pipeline' if args.eval_pipeline else 'input_pipeline',
-      'config': common.config_name(),
-      **settings,
-      'eval_resolution': data.eval_resolution,
-      'workers': layout.workers,
-      'threads_per_worker': layout.threads,
-      'cores': cores,
-      'batch_size': batch,
-      'chunk_size': chunk,
-      'crops_per_example': crops_per_example(settings),
-      'first_batch_s': round(first - start, 2),
-      'timed_batches': batches,
-      'examples_per_s': round(rate, 1),
-      'examples_per_s_per_core': round(rate / min(max(layout.workers, 1), cores), 1),
-      # CPU time of this process and its workers while timed: the rate per busy core, which other
-      # processes competing for the cores do not lower as they lower the wall-clock rate.
-      'cpu_seconds': round(cpu_seconds, 2),
-      'cores_busy': round(cpu_seconds / elapsed, 2),
-      'examples_per_cpu_s': round(batches * batch / cpu_seconds, 1) if cpu_seconds > 0 else None,
-      'memory_in_flight_bound_bytes': workers.memory_in_flight_bytes(
-          layout, per_host=batch, chunk=chunk, example_bytes=example_bytes),
-      'shared_memory_peak_bytes': shared_peak,
-      'load_average_1min': round(os.getloadavg()[0], 1),  # other processes' share of the cores
-  }
+  report = pipeline_benchmark.run(
+      config.data, jpegs, workers=args.workers, batch_size=args.batch_size, seconds=args.seconds,
+      seed=args.seed, num_classes=NUM_CLASSES, eval_pipeline=args.eval_pipeline,
+      min_train_examples=2 * args.batch_size * crops_per_example(settings))
+  return {'benchmark': 'eval_pipeline' if args.eval_pipeline else 'input_pipeline',
+          'config': common.config_name(), **settings,
+          'crops_per_example': crops_per_example(settings), **report}
 
 
 def run_step(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -458,6 +347,8 @@ def main(argv: Sequence[str]) -> None:
       raise ConfigError('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
     if (_WORKERS.value or 0) < -1:
       raise ConfigError('need --workers >= -1')
+    if _EVAL_PIPELINE.value and _WORKERS.value is None:
+      raise ConfigError('--eval_pipeline times the pipeline itself: give --workers N too')
     args = types.SimpleNamespace(num_images=_NUM_IMAGES.value, seconds=_SECONDS.value,
                                  batch_size=_BATCH_SIZE.value, rounds=_ROUNDS.value, seed=_SEED.value,
                                  workers=_WORKERS.value, eval_pipeline=_EVAL_PIPELINE.value)
