@@ -45,7 +45,8 @@ def data_config() -> ml_collections.ConfigDict:
       randaugment_semantics='reference',  # 'reference' (the paper's TF ops) | 'corrected'
       mix='mixup_cutmix',         # 'mixup_cutmix' | 'none'
       mixup_alpha=0.2,
-      num_workers=8,              # grain decoding processes per host; 0 decodes in the main process
+      num_workers=-1,             # input worker processes per training process; -1: from its usable cores,
+                                  # 0: threads of the training process only (nfnets/data/workers.py)
       device_prefetch=2,          # training batches copied to the devices ahead of their step; 0: none
   ))
 

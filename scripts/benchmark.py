@@ -1,6 +1,7 @@
 """Benchmarks, one sub-command each; every run prints ONE JSON line.
 
   python -m scripts.benchmark input --config configs/nfnet.py:F0 [--num_images 256] [--seconds 10]
+  python -m scripts.benchmark input --config configs/nfnet.py:F0 --workers N [--batch_size 256]
   python -m scripts.benchmark train --config configs/nfnet.py:F0 --resolution 192 --batch 8 \
       --dtype float32 --steps 5 [--baseline native] [--config.model.grouped_conv=native]
   python -m scripts.benchmark eval --config configs/nfnet.py:F0 --resolution 256 --batch 8
@@ -24,6 +25,11 @@ RandAugment on PIL images with bilinear geometric ops). Both consume the same tw
 and produce uint8 images and mixed targets. Both run in this process pinned to one core, alternating
 in rounds so that load drift hits both; the project's transform is then run once more with one
 pinned process per available core for the total rate. Rates count training examples.
+
+With `--workers N` (-1: as many as the usable cores give, 0: threads of this process only), `input`
+instead times the training pipeline itself with `config.data.num_workers = N` on the generated JPEGs,
+worker processes included (`scripts/pipeline_benchmark.py`): examples/s, per core and per CPU-second,
+the worker layout and the memory in flight; `--eval_pipeline` times the evaluation pipeline.
 
 The JPEGs are made from the two photos shipped with scikit-learn (china.jpg, flower.jpg, 427x640): a
 random crop (aspect 0.6-1.7, 35-100 % of the area) resized to a long side of 300-500 px (80 %) or
@@ -272,6 +278,21 @@ def run_input(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   }
 
 
+def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Examples/s of the training (or eval) pipeline as training runs it, worker processes included."""
+  from scripts import pipeline_benchmark  # Imports JAX: only this mode needs it.
+  settings = input_settings(config)
+  with tempfile.TemporaryDirectory() as directory:
+    jpegs = make_jpegs(args.num_images, directory, args.seed)
+  report = pipeline_benchmark.run(
+      config.data, jpegs, workers=args.workers, batch_size=args.batch_size, seconds=args.seconds,
+      seed=args.seed, num_classes=NUM_CLASSES, eval_pipeline=args.eval_pipeline,
+      min_train_examples=2 * args.batch_size * crops_per_example(settings))
+  return {'benchmark': 'eval_pipeline' if args.eval_pipeline else 'input_pipeline',
+          'config': common.config_name(), **settings,
+          'crops_per_example': crops_per_example(settings), **report}
+
+
 def run_step(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The train or eval step benchmark (`args.command`) of `config` with the command line's overrides."""
   from scripts import step_benchmark  # Imports JAX and the model: only the step benchmarks need them.
@@ -294,6 +315,9 @@ _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timing budget per transform on o
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Examples per timed batch.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Alternations project/baseline within the time budget.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated JPEGs and the transforms.')
+_WORKERS = flags.DEFINE_integer('workers', None, 'input: time the training pipeline itself with this '
+                                'config.data.num_workers (-1: from the usable cores; 0: threads only).')
+_EVAL_PIPELINE = flags.DEFINE_bool('eval_pipeline', False, 'input --workers N: time the evaluation pipeline.')
 _RESOLUTION = flags.DEFINE_integer('resolution', None, "train/eval: image size; default: the config's train "
                                    '(eval) resolution.')
 _BATCH = flags.DEFINE_integer('batch', 8, 'train/eval: batch size on the one device.')
@@ -321,8 +345,16 @@ def main(argv: Sequence[str]) -> None:
   if argv[1] == 'input':
     if _NUM_IMAGES.value < 1 or _SECONDS.value < 0 or _BATCH_SIZE.value < 1 or _ROUNDS.value < 1:
       raise ConfigError('need --num_images >= 1, --seconds >= 0, --batch_size >= 1 and --rounds >= 1')
+    if (_WORKERS.value or 0) < -1:
+      raise ConfigError('need --workers >= -1')
+    if _EVAL_PIPELINE.value and _WORKERS.value is None:
+      raise ConfigError('--eval_pipeline times the pipeline itself: give --workers N too')
     args = types.SimpleNamespace(num_images=_NUM_IMAGES.value, seconds=_SECONDS.value,
-                                 batch_size=_BATCH_SIZE.value, rounds=_ROUNDS.value, seed=_SEED.value)
+                                 batch_size=_BATCH_SIZE.value, rounds=_ROUNDS.value, seed=_SEED.value,
+                                 workers=_WORKERS.value, eval_pipeline=_EVAL_PIPELINE.value)
+    if args.workers is not None:
+      print(json.dumps(run_input_pipeline(args, _CONFIG.value)), flush=True)
+      return
   else:
     args = _step_args(argv[1])
   print(json.dumps(SUBCOMMANDS[argv[1]](args, _CONFIG.value)), flush=True)

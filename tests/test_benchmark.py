@@ -36,8 +36,27 @@ def test_input_benchmark_prints_one_json_line(tmp_path):
   assert report['timed_images']['project'] % 4 == 0 and report['timed_images']['project'] >= 4
 
 
+def test_input_benchmark_times_the_pipeline_with_its_worker_processes():
+  result = _run('input', '--config', 'configs/nfnet.py:F0', '--config.data.train_resolution=32',
+                '--workers', '1', '--num_images', '8', '--seconds', '0.2', '--batch_size', '4')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1
+  report = json.loads(lines[0])
+  assert report['benchmark'] == 'input_pipeline' and report['config'] == 'F0'
+  assert report['workers'] == 1 and report['threads_per_worker'] >= 2 and report['train_resolution'] == 32
+  assert report['timed_batches'] >= 1 and report['examples_per_s'] > 0
+  assert report['examples_per_s_per_core'] == pytest.approx(report['examples_per_s'], rel=0.01)
+  # The chunks travel through shared memory: the worker process really made them.
+  assert report['shared_memory_peak_bytes'] > 0
+  assert report['cpu_seconds'] > 0 and report['examples_per_cpu_s'] > 0
+  bound = report['memory_in_flight_bound_bytes']
+  assert bound['assembling'] == 2 * 4 * (32 * 32 * 3 + 4 * benchmark.NUM_CLASSES)
+
+
 def test_unknown_subcommand_and_bad_sizes_are_rejected():
-  for args in (['train_stepx'], ['input', '--num_images', '0'], ['input', '--config', 'configs/absent.py:F0']):
+  for args in (['train_stepx'], ['input', '--num_images', '0'], ['input', '--config', 'configs/absent.py:F0'],
+               ['input', '--workers', '-2'], ['input', '--eval_pipeline']):
     result = _run(*args)
     assert result.returncode != 0 and result.stderr.startswith('error:') and result.stderr.count('\n') == 1
 
@@ -121,3 +140,18 @@ def test_step_benchmarks_reject_bad_input():
                ['train', '--baseline', 'fast']):
     result = _run(*args)
     assert result.returncode != 0 and result.stderr.startswith('error:') and result.stderr.count('\n') == 1, args
+
+
+@pytest.mark.parametrize('eval_pipeline', [False, True])
+def test_pipeline_benchmark_reports_rates_and_the_memory_bound(tmp_path, eval_pipeline):
+  from scripts import pipeline_benchmark
+  from configs import nfnet
+  data = nfnet.get_config('F0').data
+  data.train_resolution, data.eval_resolution = 32, 40
+  jpegs = benchmark.make_jpegs(4, str(tmp_path), seed=2)
+  report = pipeline_benchmark.run(data, jpegs, workers=0, batch_size=4, seconds=0.05, seed=0,
+                                  num_classes=10, eval_pipeline=eval_pipeline, min_train_examples=8)
+  assert report['workers'] == 0 and report['timed_batches'] >= 1 and report['examples_per_s'] > 0
+  example = 4 * 40 * 40 * 3 + 8 if eval_pipeline else 32 * 32 * 3 + 4 * 10
+  assert report['memory_in_flight_bound_bytes']['assembling'] == 2 * 4 * example
+  assert report['chunk_size'] == 4 and report['eval_resolution'] == 40

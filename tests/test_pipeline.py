@@ -13,6 +13,7 @@ from nfnets.data import digits
 from nfnets.data import ops_image
 from nfnets.data import pipeline
 from nfnets.data import sources
+from nfnets.data import workers
 
 NUM_CLASSES = 10
 
@@ -212,21 +213,58 @@ def test_resume_through_an_orbax_checkpoint(tmp_path):
   _assert_same_batches(_take(restored.data, 1), expected)
 
 
-def test_resume_with_worker_processes(coded_source):
-  config = _data_config(num_workers=1, **_IDENTITY_AUGMENT)
-  iterator = _train(config)
+def test_resume_with_another_number_of_workers(coded_source):
+  # The position counts host batches, so a state moves between worker layouts in both directions.
+  threads_only = _data_config(**_IDENTITY_AUGMENT)
+  single_process = _take(_train(threads_only), 3)
+  after_one = _train(threads_only)
+  _take(after_one, 1)
+  iterator = _train(_data_config(num_workers=1, **_IDENTITY_AUGMENT))
   try:
-    single_process = _take(_train(_data_config(**_IDENTITY_AUGMENT)), 3)
-    _assert_same_batches(_take(iterator, 2), single_process[:2])
+    iterator.set_state(after_one.get_state())
+    _assert_same_batches(_take(iterator, 1), single_process[1:2])
     state = iterator.get_state()
   finally:
     iterator.close()
-  fresh = _train(config)
-  try:
-    fresh.set_state(state)
-    _assert_same_batches(_take(fresh, 1), single_process[2:])
-  finally:
-    fresh.close()
+  fresh = _train(threads_only)
+  fresh.set_state(state)
+  _assert_same_batches(_take(fresh, 1), single_process[2:])
+
+
+def test_a_closed_iterator_does_not_start_again():
+  iterator = _train(_data_config())
+  _take(iterator, 1)
+  iterator.close()
+  with pytest.raises(ValueError, match='closed'):
+    next(iterator)
+
+
+def test_states_of_the_unchunked_pipeline_still_resume():
+  # Before chunking, grain's own states: one element was one host batch.
+  assert workers.batches_consumed({'next_index': 5}) == 5
+  assert workers.batches_consumed({'next_index_in_cycle': 1, 'iterators_in_use_states': [
+      {'next_index': 3}, {'next_index': 2}, {'next_index': 2}]}) == 7
+  with pytest.raises(ValueError, match='position'):
+    workers.batches_consumed({'step': 3})
+
+
+def test_chunks_of_any_size_give_the_same_batches(coded_source, monkeypatch):
+  config = _data_config(flip=False)  # mixing and RandAugment on: every random draw must agree
+  whole = _take(_train(config), 2)
+  evaluated = list(pipeline.make_eval_iterator(config, global_batch_size=14, local_device_count=2))
+  monkeypatch.setattr(workers, 'CHUNK_BYTES', 1)  # one example per chunk
+  _assert_same_batches(_take(_train(config), 2), whole)
+  _assert_same_batches(list(pipeline.make_eval_iterator(config, global_batch_size=14,
+                                                        local_device_count=2)), evaluated)
+
+
+def test_eval_with_worker_processes_gives_the_threads_batches_and_stops(coded_source):
+  kwargs = dict(global_batch_size=14, local_device_count=2)
+  expected = list(pipeline.make_eval_iterator(_data_config(), **kwargs))
+  iterator = pipeline.make_eval_iterator(_data_config(num_workers=1), **kwargs)
+  _assert_same_batches(list(iterator), expected)
+  with pytest.raises(StopIteration):
+    next(iterator)
 
 
 @pytest.mark.parametrize('process_count', [1, 2, 3])

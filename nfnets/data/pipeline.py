@@ -5,26 +5,27 @@ source examples, grouped into training examples: consecutive pairs with MixUp/Cu
 once, as the reference's 2B crops per B examples), single examples without. Global batch `s` is
 training examples [s * B, (s + 1) * B), and each host decodes only its contiguous slice of every
 global batch -> per training example: crops, mixing, uint8, RandAugment
-(`train_transform.TrainTransform`) -> batch -> thread prefetch (optionally worker processes) ->
-reshape to [local_devices, per_device, ...]. Training images leave as uint8; the train step
-normalises them on the device.
+(`train_transform.TrainTransform`) -> chunks of consecutive examples, made by worker processes (or
+threads) -> stacked into the host batch, reshaped to [local_devices, per_device, ...]
+(`workers.py`: how many workers, the memory in flight). Training images leave as uint8; the train
+step normalises them on the device.
 
 The order and every random choice (crops, flips, mixing, RandAugment) are functions of (seed, global
 position of the training example) alone, so the global batch of a step is the same whatever the number
 of hosts and devices, given the per-device batch size (which decides where MixUp ends and CutMix starts
-in each device's batch). The returned iterator's state (a small JSON-able dict) restores it exactly,
-also through `grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
+in each device's batch). The returned iterator's state (a small JSON-able dict: host batches handed
+out) restores it exactly, with any number of workers, also through
+`grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
 
 Evaluation visits each example of this host's slice once, in order, then pads with masked
 zero examples so that every host yields the same number of full batches (`num_eval_batches`),
 which keeps multi-host collectives in step.
 
-All the work runs inside the parallel stages (prefetch threads or worker processes), so the
-consumer's thread only reshapes; prefetch buffers are bounded to one batch per thread.
+All the work runs inside the parallel stages (worker processes or threads), so the consumer's thread
+only stacks chunks; each thread holds one chunk in flight, not a host batch.
 """
 import functools
 import math
-import os
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -35,6 +36,7 @@ import numpy as np
 from nfnets.data import ops_image
 from nfnets.data import sources
 from nfnets.data import train_transform
+from nfnets.data import workers
 from nfnets.errors import ConfigError
 
 
@@ -59,6 +61,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     local_device_count: int | None = None,
+    source: Sequence[dict[str, Any]] | None = None,
 ) -> grain.DatasetIterator:
   """An endless, resumable iterator of training batches for this host.
 
@@ -66,7 +69,9 @@ def make_train_iterator(
   'labels': float32 [local_devices, per_device, num_classes] (mixed one-hot)}, R =
   `data_config.train_resolution`. With MixUp/CutMix each batch consumes twice as many source
   examples as it holds. `get_state()`/`set_state()` (or grain.checkpoint) resume it exactly; a
-  state only fits an iterator built with the same config, seed and host layout.
+  state only fits an iterator built with the same config, seed and host layout. `source` replaces
+  the training split (`sources.get_source(data_config, data_config.train_split)`), e.g. for a
+  benchmark.
   """
   process_index, process_count, local_device_count = _host_layout(
       process_index, process_count, local_device_count)
@@ -74,7 +79,8 @@ def make_train_iterator(
   per_device = per_host // local_device_count
   transform = train_transform.TrainTransform.from_config(
       data_config, num_classes=num_classes, per_device=per_device)
-  source = sources.get_source(data_config, data_config.train_split)
+  if source is None:
+    source = sources.get_source(data_config, data_config.train_split)
   sources_per_batch = global_batch_size * transform.crops_per_example
   if len(source) < sources_per_batch:
     raise ConfigError(f'the training split holds {len(source)} examples, fewer than the '
@@ -84,14 +90,13 @@ def make_train_iterator(
   training_examples = (
       grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
       .batch(transform.crops_per_example, drop_remainder=True, batch_fn=tuple))
-  dataset = (
+  examples = (
       _HostSliceOfGlobalBatches(training_examples, global_batch_size=global_batch_size,
                                 per_host=per_host, process_index=process_index)
-      .map(_TrainExample(transform, seed=example_seed))
-      .batch(per_host, drop_remainder=True)
-  )
-  return _finish(dataset, local_device_count, {'images': 'image', 'labels': 'targets'},
-                 num_workers=data_config.get('num_workers', 0) or 0)
+      .map(_TrainExample(transform, seed=example_seed)))
+  example_bytes = train_example_bytes(data_config.train_resolution, num_classes)
+  return _host_batches(examples, per_host, example_bytes, local_device_count,
+                       {'images': 'image', 'labels': 'targets'}, _worker_layout(data_config))
 
 
 def make_eval_iterator(
@@ -101,8 +106,9 @@ def make_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     local_device_count: int | None = None,
+    source: Sequence[dict[str, Any]] | None = None,
 ) -> grain.DatasetIterator:
-  """A finite iterator over `data_config.eval_split`, each example of this host's slice once.
+  """A finite iterator over `data_config.eval_split` (or `source`), each example of this host's slice once.
 
   Yields `num_eval_batches(...)` batches {'images': float32 [ld, pd, R, R, 3] normalised,
   'labels': int32 [ld, pd], 'mask': float32 [ld, pd]}; padding examples are zeros with mask 0.
@@ -110,18 +116,17 @@ def make_eval_iterator(
   process_index, process_count, local_device_count = _host_layout(
       process_index, process_count, local_device_count)
   per_host = host_batch_size(global_batch_size, process_count, local_device_count)
-  source = sources.get_source(data_config, data_config.eval_split)
+  if source is None:
+    source = sources.get_source(data_config, data_config.eval_split)
   num_batches = _num_eval_batches(len(source), per_host, process_count)
   padded = _PaddedHostSlice(source, process_index, process_count, num_batches * per_host)
-  dataset = (
-      grain.MapDataset.source(padded)
-      .map(_EvalPreprocess(data_config.eval_resolution, data_config.eval_resize_margin))
-      .batch(per_host, drop_remainder=True)
-  )
-  # Threads only: worker processes cost seconds to start per evaluation, and grain 0.2.18
-  # leaks their shared memory when a finite iterator runs out.
-  return _finish(dataset, local_device_count,
-                 {'images': 'image', 'labels': 'label', 'mask': 'mask'}, num_workers=0)
+  examples = grain.MapDataset.source(padded).map(
+      _EvalPreprocess(data_config.eval_resolution, data_config.eval_resize_margin))
+  # The same workers as training: at large resolutions the eval transform costs several times the
+  # training one per image. The iterator stops (and shuts them down) after its last batch.
+  return _host_batches(examples, per_host, eval_example_bytes(data_config.eval_resolution),
+                       local_device_count, {'images': 'image', 'labels': 'label', 'mask': 'mask'},
+                       _worker_layout(data_config), num_batches=num_batches)
 
 
 def num_eval_batches(
@@ -189,35 +194,37 @@ class _HostSliceOfGlobalBatches(grain.MapDataset):
     return f'HostSliceOfGlobalBatches(per_host={self._per_host}, offset={self._offset})'
 
 
-def _finish(dataset: grain.MapDataset, local_device_count: int, output_keys: dict[str, str], *,
-            num_workers: int) -> grain.DatasetIterator:
-  threads = max(1, min(16, os.cpu_count() or 1))
-  # One batch per thread in flight: enough overlap, and bounded memory for large batches.
-  iter_dataset = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
-  if num_workers > 0:
-    _allow_grain_multiprocessing()
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  iter_dataset = iter_dataset.map(
-      functools.partial(_to_device_layout, local_device_count=local_device_count,
-                        output_keys=output_keys))
-  return iter(iter_dataset)
+def train_example_bytes(resolution: int, num_classes: int) -> int:
+  """Bytes of one training example as it leaves the workers: uint8 pixels, float32 targets."""
+  return resolution * resolution * 3 + 4 * num_classes
 
 
-def _allow_grain_multiprocessing() -> None:
-  # grain's worker processes read absl flags; outside `app.run` (tests, notebooks) nothing has
-  # parsed them and grain would fail with UnparsedFlagAccessError.
-  from absl import flags
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+def eval_example_bytes(resolution: int) -> int:
+  """Bytes of one evaluation example: float32 pixels, int32 label, float32 mask."""
+  return 4 * resolution * resolution * 3 + 8
+
+
+def _worker_layout(data_config: ml_collections.ConfigDict) -> workers.WorkerLayout:
+  return workers.WorkerLayout.from_config(data_config.get('num_workers', workers.AUTO))
+
+
+def _host_batches(examples: grain.MapDataset, per_host: int, example_bytes: int,
+                  local_device_count: int, output_keys: dict[str, str], layout: workers.WorkerLayout,
+                  num_batches: int | None = None) -> workers.HostBatchIterator:
+  chunk = workers.chunk_size(per_host, example_bytes)
+  return workers.HostBatchIterator(
+      examples.batch(chunk, drop_remainder=True), chunks_per_batch=per_host // chunk, layout=layout,
+      to_host_batch=functools.partial(_to_device_layout, local_device_count=local_device_count,
+                                      output_keys=output_keys),
+      num_batches=num_batches)
 
 
 def _to_device_layout(batch: dict[str, np.ndarray], *, local_device_count: int,
                       output_keys: dict[str, str]) -> dict[str, np.ndarray]:
   out = {}
   for out_key, key in output_keys.items():
-    value = batch[key]
-    out[out_key] = value.reshape((local_device_count, -1) + value.shape[1:])
+    value = batch[key]  # [chunks, chunk, ...]: the host batch's examples in order
+    out[out_key] = value.reshape((local_device_count, -1) + value.shape[2:])
   return out
 
 
