@@ -102,7 +102,7 @@ class TrainingCheckpointer:
               data_iterator: Any) -> train_step_lib.TrainState:
     """Restores step `step` into a state shaped like `like` and repositions `data_iterator` in place."""
     weights, train = split_state(like)
-    stored = set(self._manager.item_metadata(step)['train'].keys())
+    stored = set(ocp.StandardCheckpointHandler().metadata(self._manager.directory / str(step) / 'train').keys())
     missing = {name: train.pop(name) for name in ADDED_TRAIN_FIELDS if name not in stored}
     restored = self._manager.restore(step, args=ocp.args.Composite(
         weights=ocp.args.StandardRestore(_abstract(weights)),
