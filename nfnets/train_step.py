@@ -2,7 +2,9 @@
 
 `train_step(state, batch) -> (state, metrics)` knows nothing of pmap beyond the name of the device axis
 its collectives reduce over, so the caller may run it under `jax.pmap` (what `trainer.py` does) or move it
-to `jax.shard_map` unchanged.
+to `jax.shard_map` unchanged. One step is one optimizer update: it may run its device batch as several
+micro-batches (`nfnets.accumulation`) and, for float16 compute, scale the loss dynamically; an update it
+skips is counted in the state by cause (docs/accumulation_and_float16.md).
 """
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -158,12 +160,11 @@ def make_train_step(forward: hk.TransformedWithState,
     return scaled, (loss, top1, model_state)
 
   def averaged_grads(params, model_state, rng, batch, loss_scale):
-    """The update's gradient, loss and top-1 (averaged over micro-batches and devices, unscaled) and
-    this device's new model state (averaged over its micro-batches)."""
+    """The update's gradient (unscaled) and loss, averaged over the micro-batches and the devices, and
+    this device's top-1 and new model state, averaged over its micro-batches."""
 
     def micro_batch_grads(micro_batch, micro_rng):
-      grads, aux = jax.grad(loss_fn, has_aux=True)(params, model_state, micro_rng, micro_batch, loss_scale)
-      return grads, aux
+      return jax.grad(loss_fn, has_aux=True)(params, model_state, micro_rng, micro_batch, loss_scale)
 
     # Accumulated and reduced in float32 whatever the compute dtype was, so the all-reduce loses nothing.
     grads, per_micro_batch = accumulation.accumulate(micro_batch_grads, params, batch, rng, accumulation_steps)
