@@ -61,7 +61,8 @@ def train_config() -> ml_collections.ConfigDict:
       eval_every_steps=-1,        # <= 0: evaluate at the end only
       checkpoint_every_steps=1000,
       keep_checkpoints=3,
-      max_consecutive_nonfinite=10,
+      max_consecutive_nonfinite=10,  # skipped non-finite updates in a row that stop the run (not float16 overflows)
+      accumulation_steps=1,       # k: each update averages k micro-batches of batch_size / (k x devices) per device
   ))
 
 
@@ -78,8 +79,12 @@ def base_config(model_name: str, variant: str) -> ml_collections.ConfigDict:
   config.data = data_config()
   config.train = train_config()
   # Training: bfloat16 activations and compute, float32 master weights, optimiser state and logits.
-  # Evaluation runs in float32, as the reference evaluated.
-  config.precision = ml_collections.ConfigDict(dict(compute_dtype='bfloat16', eval_compute_dtype='float32'))
+  # Evaluation runs in float32, as the reference evaluated. compute_dtype='float16' (GPUs without bfloat16)
+  # trains with dynamic loss scaling, starting at `initial_loss_scale` and doubling it after
+  # `loss_scale_period` updates without overflow (docs/accumulation_and_float16.md).
+  config.precision = ml_collections.ConfigDict(dict(
+      compute_dtype='bfloat16', eval_compute_dtype='float32',
+      initial_loss_scale=2.0 ** 15, loss_scale_period=2000))
   # Multi-host runs: calls jax.distributed.initialize() before anything touches the devices (TPU pods find
   # their peers; elsewhere pass --coordinator_address, --num_processes and --process_id, or JAX's variables).
   config.distributed = False

@@ -2,6 +2,9 @@
 
   python -m experiments.train
   python -m experiments.train --config configs/nfnet.py:F0 --workdir gs://bucket/f0 --config.optimizer.clipping=0.02
+  # the F0 recipe (batch 4096) on 8 GPUs without bfloat16: micro-batches of 64, float16 with loss scaling
+  python -m experiments.train --config configs/nfnet.py:F0 --config.train.accumulation_steps=8 \
+      --config.precision.compute_dtype=float16
   # fine-tuning: start from a reference or project checkpoint, new classifier for the dataset's classes
   python -m experiments.train --config configs/finetune.py:F0 --config.init_from=F0_haiku.npz
 

@@ -35,6 +35,9 @@ from nfnets.errors import CheckpointError
 
 # TrainState fields stored in the `weights` item; every other field goes to `train`.
 WEIGHT_SETS = ('params', 'model_state', 'ema_params', 'ema_model_state')
+# `train` fields that checkpoints written before they existed lack; such a run resumes with their fresh
+# values (the initial loss scale, no skipped updates).
+ADDED_TRAIN_FIELDS = ('loss_scale', 'loss_scale_counter', 'skipped_overflow', 'skipped_nonfinite')
 ITEMS = ('weights', 'train', 'data', 'meta')
 
 
@@ -101,11 +104,13 @@ class TrainingCheckpointer:
               data_iterator: Any) -> train_step_lib.TrainState:
     """Restores step `step` into a state shaped like `like` and repositions `data_iterator` in place."""
     weights, train = split_state(like)
+    stored = set(ocp.StandardCheckpointHandler().metadata(self._manager.directory / str(step) / 'train').keys())
+    missing = {name: train.pop(name) for name in ADDED_TRAIN_FIELDS if name not in stored}
     restored = self._manager.restore(step, args=ocp.args.Composite(
         weights=ocp.args.StandardRestore(_abstract(weights)),
         train=ocp.args.StandardRestore(_abstract(train)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return train_step_lib.TrainState(**restored.weights, **restored.train)
+    return train_step_lib.TrainState(**restored.weights, **restored.train, **missing)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -15,11 +15,13 @@ from nfnets import train_step as train_step_lib
 from nfnets.errors import CheckpointError
 
 
-def fresh_train_state(forward, optimizer: optax.GradientTransformation, seed: int,
-                      resolution: int) -> train_step_lib.TrainState:
+def fresh_train_state(forward, optimizer: optax.GradientTransformation, seed: int, resolution: int,
+                      initial_loss_scale: float = train_step_lib.DEFAULT_INITIAL_LOSS_SCALE
+                      ) -> train_step_lib.TrainState:
   """The run's starting point, a function of `seed` alone (on the default device)."""
   return jax.jit(train_step_lib.init_train_state, static_argnums=(0, 1))(
-      forward, optimizer, jax.random.PRNGKey(seed), jnp.zeros((1, resolution, resolution, 3), jnp.float32))
+      forward, optimizer, jax.random.PRNGKey(seed), jnp.zeros((1, resolution, resolution, 3), jnp.float32),
+      initial_loss_scale)
 
 
 def graft(fresh: Any, loaded: Any, *, replaceable_module: str, source: str) -> tuple[Any, list[str]]:
@@ -76,7 +78,8 @@ def create_train_state(setup, config: ml_collections.ConfigDict, *,
   In order: the workdir's latest checkpoint (resume, data iterator repositioned in place); else
   `config.init_from` (fine-tuning: weights only, a fresh optimiser, step 0); else fresh from `config.seed`.
   """
-  state = fresh_train_state(setup.forward, setup.optimizer, config.seed, config.data.train_resolution)
+  state = fresh_train_state(setup.forward, setup.optimizer, config.seed, config.data.train_resolution,
+                            config.precision.get('initial_loss_scale', train_step_lib.DEFAULT_INITIAL_LOSS_SCALE))
   latest = checkpointer.latest_step() if checkpointer is not None else None
   if latest is not None:
     return checkpointer.restore(latest, state, data_iterator), f'resumed from step {latest}'

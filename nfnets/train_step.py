@@ -2,15 +2,19 @@
 
 `train_step(state, batch) -> (state, metrics)` knows nothing of pmap beyond the name of the device axis
 its collectives reduce over, so the caller may run it under `jax.pmap` (what `trainer.py` does) or move it
-to `jax.shard_map` unchanged.
+to `jax.shard_map` unchanged. One step is one optimizer update: it may run its device batch as several
+micro-batches (`nfnets.accumulation`) and, for float16 compute, scale the loss dynamically; an update it
+skips is counted in the state by cause (docs/accumulation_and_float16.md).
 """
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
 import optax
 
+from nfnets import accumulation
 from nfnets import agc
 from nfnets import losses
 from nfnets import optim
@@ -18,6 +22,9 @@ from nfnets.data import ops_image
 
 AXIS_NAME = 'batch'
 Metrics = dict[str, jax.Array]
+
+
+DEFAULT_INITIAL_LOSS_SCALE = 2.0 ** 15
 
 
 class TrainState(NamedTuple):
@@ -29,22 +36,34 @@ class TrainState(NamedTuple):
   ema_model_state: hk.State
   rng: jax.Array                # base key; per-step, per-device keys are folded from it
   nonfinite_streak: jax.Array   # int32: consecutive updates skipped for a non-finite loss or gradient
+  # float16 compute's dynamic loss scale (jmp.DynamicLossScale's two arrays); unused in other dtypes.
+  loss_scale: jax.Array         # float32
+  loss_scale_counter: jax.Array  # int32: updates since the scale last changed
+  # Updates skipped since the run began, by cause (float16 overflow under loss scaling; non-finite).
+  skipped_overflow: jax.Array   # int32
+  skipped_nonfinite: jax.Array  # int32
 
 
 def init_train_state(forward: hk.TransformedWithState, optimizer: optax.GradientTransformation,
-                     rng: jax.Array, sample_images: jax.Array) -> TrainState:
+                     rng: jax.Array, sample_images: jax.Array,
+                     initial_loss_scale: float = DEFAULT_INITIAL_LOSS_SCALE) -> TrainState:
   """A fresh state; `sample_images` only fixes shapes (one example is enough)."""
   init_rng, step_rng = jax.random.split(rng)
   params, model_state = forward.init(init_rng, sample_images, is_training=True)
+  zero = jnp.zeros([], jnp.int32)
   return TrainState(
-      step=jnp.zeros([], jnp.int32),
+      step=zero,
       params=params,
       model_state=model_state,
       opt_state=optimizer.init(params),
       ema_params=params,
       ema_model_state=model_state,
       rng=step_rng,
-      nonfinite_streak=jnp.zeros([], jnp.int32),
+      nonfinite_streak=zero,
+      loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
+      loss_scale_counter=zero,
+      skipped_overflow=zero,
+      skipped_nonfinite=zero,
   )
 
 
@@ -108,6 +127,8 @@ def make_train_step(forward: hk.TransformedWithState,
                     label_smoothing: float,
                     ema_decay: float,
                     uses_grad_fn: bool = False,
+                    accumulation_steps: int = 1,
+                    loss_scale_period: Optional[int] = None,
                     axis_name: str = AXIS_NAME) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
   """Builds the per-device step.
 
@@ -118,36 +139,58 @@ def make_train_step(forward: hk.TransformedWithState,
     label_smoothing: applied to the (already mixed) targets.
     ema_decay: the EMA's ceiling; see `optim.update_ema`.
     uses_grad_fn: the optimizer's update takes `grad_fn` (SAM): a function from parameters to the
-      device-averaged gradient on this step's batch.
+      device-averaged gradient on this step's batch (its micro-batches, accumulated the same way).
+    accumulation_steps: the device batch is this many consecutive micro-batches, whose float32 gradients
+      are averaged before the one cross-device mean of the update (see `nfnets.accumulation`).
+    loss_scale_period: None, or dynamic loss scaling (float16 compute): the loss is multiplied by
+      `state.loss_scale`, gradients are unscaled before the optimizer, an update whose gradients overflow
+      is skipped and halves the scale, and `loss_scale_period` good updates in a row double it.
     axis_name: the device axis the gradients and metrics are averaged over.
   """
+  loss_scaling = loss_scale_period is not None
 
-  def loss_fn(params, model_state, rng, batch):
+  def loss_fn(params, model_state, rng, batch, loss_scale):
     images = normalize_images(batch['images'])
     logits, model_state = forward.apply(params, model_state, rng, images, is_training=True)
     logits = logits.astype(jnp.float32)
     loss = losses.softmax_cross_entropy(logits, batch['labels'], label_smoothing=label_smoothing)
-    return loss, (logits, model_state)
+    target_class = jnp.argmax(batch['labels'], axis=-1)
+    top1 = jnp.mean((jnp.argmax(logits, axis=-1) == target_class).astype(jnp.float32))
+    scaled = loss if loss_scale is None else loss_scale.scale(loss)
+    return scaled, (loss, top1, model_state)
 
-  def averaged_grads(params, model_state, rng, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, rng, batch)
-    # Reduce in float32 whatever the compute dtype was, so the all-reduce loses nothing.
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    return device_mean(grads, axis_name), device_mean(loss, axis_name), aux
+  def averaged_grads(params, model_state, rng, batch, loss_scale):
+    """The update's gradient (unscaled) and loss, averaged over the micro-batches and the devices, and
+    this device's top-1 and new model state, averaged over its micro-batches."""
+
+    def micro_batch_grads(micro_batch, micro_rng):
+      return jax.grad(loss_fn, has_aux=True)(params, model_state, micro_rng, micro_batch, loss_scale)
+
+    # Accumulated and reduced in float32 whatever the compute dtype was, so the all-reduce loses nothing.
+    grads, per_micro_batch = accumulation.accumulate(micro_batch_grads, params, batch, rng, accumulation_steps)
+    loss, top1, model_state = accumulation.mean_over_micro_batches(per_micro_batch)
+    grads, loss = device_mean(grads, axis_name), device_mean(loss, axis_name)
+    if loss_scale is not None:
+      grads = loss_scale.unscale(grads)
+    return grads, loss, top1, model_state
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(axis_name))
-    grads, loss, (logits, model_state) = averaged_grads(state.params, state.model_state, rng, batch)
+    loss_scale = None
+    if loss_scaling:
+      loss_scale = jmp.DynamicLossScale(state.loss_scale, state.loss_scale_counter, period=loss_scale_period)
+    grads, loss, top1, model_state = averaged_grads(state.params, state.model_state, rng, batch, loss_scale)
 
     # Every device sees the same averaged loss and gradients, so all of them take the same decision. A
     # finite sum of squared gradients also bounds every gradient below ~1e19, so with any sane learning rate
     # the new weights are finite too and need no check of their own.
     grad_sum_of_squares = sum_of_squares(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_sum_of_squares)
+    loss_finite = jnp.isfinite(loss)
+    finite = loss_finite & jnp.isfinite(grad_sum_of_squares)
 
     extra_args = {}
     if uses_grad_fn:
-      extra_args['grad_fn'] = lambda p, _: averaged_grads(p, state.model_state, rng, batch)[0]
+      extra_args['grad_fn'] = lambda p, _: averaged_grads(p, state.model_state, rng, batch, loss_scale)[0]
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra_args)
     if uses_grad_fn:  # the update comes from a second gradient, at perturbed weights: check it too
       finite &= jnp.isfinite(sum_of_squares(updates))
@@ -158,11 +201,12 @@ def make_train_step(forward: hk.TransformedWithState,
         lambda x: device_mean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
     ema_params = optim.update_ema(state.ema_params, params, state.step, ema_decay)
     ema_model_state = optim.update_ema(state.ema_model_state, model_state, state.step, ema_decay)
-    # A non-finite step changes nothing but the counters.
+    # A skipped step changes nothing but the counters (and the loss scale).
     finite = agreed(finite, axis_name)
     params, model_state, opt_state, ema_params, ema_model_state = select_tree(
         finite, (params, model_state, opt_state, ema_params, ema_model_state),
         (state.params, state.model_state, state.opt_state, state.ema_params, state.ema_model_state))
+    skip = classify_skip(finite, loss_finite, state, loss_scale)
     new_state = TrainState(
         step=state.step + 1,
         params=params,
@@ -171,11 +215,14 @@ def make_train_step(forward: hk.TransformedWithState,
         ema_params=ema_params,
         ema_model_state=ema_model_state,
         rng=state.rng,
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+        # An overflow neither extends nor ends a run of non-finite updates.
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + skip.nonfinite).astype(jnp.int32),
+        loss_scale=skip.loss_scale,
+        loss_scale_counter=skip.loss_scale_counter,
+        skipped_overflow=state.skipped_overflow + skip.overflow,
+        skipped_nonfinite=state.skipped_nonfinite + skip.nonfinite,
     )
 
-    target_class = jnp.argmax(batch['labels'], axis=-1)
-    top1 = jnp.mean((jnp.argmax(logits, axis=-1) == target_class).astype(jnp.float32))
     metrics = {
         'loss': loss,
         'top1_acc': device_mean(top1, axis_name),
@@ -183,13 +230,47 @@ def make_train_step(forward: hk.TransformedWithState,
         'learning_rate': learning_rate_fn(state.step),
         'finite': finite.astype(jnp.float32),
         'nonfinite_streak': new_state.nonfinite_streak,
+        'skipped_overflow': new_state.skipped_overflow,
+        'skipped_nonfinite': new_state.skipped_nonfinite,
     }
+    if loss_scaling:
+      metrics['overflow'] = skip.overflow.astype(jnp.float32)
+      metrics['loss_scale'] = state.loss_scale  # the scale this step used
     clipped = agc.clipped_fraction(opt_state)
     if clipped is not None:
       metrics['agc_clipped_fraction'] = clipped
     return new_state, metrics
 
   return train_step
+
+
+class Skip(NamedTuple):
+  overflow: jax.Array            # int32 0/1: skipped for a float16 overflow under loss scaling
+  nonfinite: jax.Array           # int32 0/1: skipped for a non-finite loss or gradient
+  loss_scale: jax.Array          # the next step's loss scale and counter
+  loss_scale_counter: jax.Array
+
+
+def classify_skip(finite: jax.Array, loss_finite: jax.Array, state: TrainState,
+                  loss_scale: Optional[jmp.DynamicLossScale]) -> Skip:
+  """Why an update was skipped (if it was), and the loss scale that follows.
+
+  Under loss scaling, a finite loss with non-finite gradients is an overflow of the scaled float16
+  backward pass while the scale is above 1: the scale halves and the step is not counted as non-finite.
+  At a scale of 1 nothing was scaled, and a non-finite loss is no overflow of the gradients: both are
+  non-finite updates, which leave the scale alone and count towards `max_consecutive_nonfinite`, so a
+  diverged run still stops (after at most log2(scale) overflows halve the scale to 1).
+  """
+  if loss_scale is None:
+    return Skip(jnp.zeros([], jnp.int32), (~finite).astype(jnp.int32), state.loss_scale,
+                state.loss_scale_counter)
+  overflow = ~finite & loss_finite & (state.loss_scale > 1)
+  nonfinite = ~finite & ~overflow
+  adjusted = loss_scale.adjust(finite)
+  new_scale, new_counter = select_tree(nonfinite, (state.loss_scale, state.loss_scale_counter),
+                                       (adjusted.loss_scale, adjusted.counter))
+  return Skip(overflow.astype(jnp.int32), nonfinite.astype(jnp.int32), new_scale,
+              new_counter.astype(jnp.int32))
 
 
 def make_eval_step(forward: hk.TransformedWithState,

@@ -6,6 +6,7 @@ from the workdir, and evaluates raw and EMA weights. The workdir may be local or
 path goes through `etils.epath`.
 """
 import json
+import math
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -15,6 +16,7 @@ import ml_collections
 import optax
 from etils import epath
 
+from nfnets import accumulation
 from nfnets import checkpoint
 from nfnets import distributed
 from nfnets import durations
@@ -34,6 +36,9 @@ from nfnets.errors import TrainingError
 
 # Parts of the config that must match for a workdir's checkpoints to be resumed.
 _RESUME_KEYS = ('seed', 'model', 'data', 'train.batch_size')
+# The step's metrics that say whether and why its update was skipped, and the run's cumulative skip counts.
+_SKIP_FLAGS = ('finite', 'nonfinite_streak', 'overflow', 'loss_scale')
+_SKIP_COUNTS = ('skipped_overflow', 'skipped_nonfinite')
 
 
 class TrainingSetup(NamedTuple):
@@ -44,8 +49,29 @@ class TrainingSetup(NamedTuple):
   total_steps: int
 
 
-def setup_training(config: ml_collections.ConfigDict, num_train_examples: int) -> TrainingSetup:
-  """config -> model, optimizer and per-device step, exactly as `train_and_evaluate` uses them."""
+def loss_scale_period(precision_config: ml_collections.ConfigDict) -> Optional[int]:
+  """The dynamic loss scale's growth period for float16 compute (None: no loss scaling), checking the
+  loss-scaling fields."""
+  if precision_config.compute_dtype != 'float16':
+    return None
+  initial = precision_config.get('initial_loss_scale', train_step_lib.DEFAULT_INITIAL_LOSS_SCALE)
+  period = precision_config.get('loss_scale_period', 2000)
+  if not (initial >= 1 and math.isfinite(initial)):
+    raise ConfigError(f'compute_dtype float16 needs config.precision.initial_loss_scale >= 1, got {initial}')
+  if period < 1:
+    raise ConfigError(f'compute_dtype float16 needs config.precision.loss_scale_period >= 1, got {period}')
+  return period
+
+
+def setup_training(config: ml_collections.ConfigDict, num_train_examples: int,
+                   num_devices: Optional[int] = None) -> TrainingSetup:
+  """config -> model, optimizer and per-device step, exactly as `train_and_evaluate` uses them.
+
+  `num_devices` (default: every device of every host) only checks that the batch splits over them and
+  the accumulation steps; the step itself is the same for any number.
+  """
+  layout = accumulation.batch_layout(config.train, jax.device_count() if num_devices is None else num_devices)
+  scale_period = loss_scale_period(config.precision)
   total_steps = durations.total_steps(config.train, num_train_examples)
   forward = models.make_forward(config.model, config.precision.compute_dtype)
   schedule_args = dict(batch_size=config.train.batch_size, examples_per_epoch=num_train_examples,
@@ -59,7 +85,9 @@ def setup_training(config: ml_collections.ConfigDict, num_train_examples: int) -
   step = train_step_lib.make_train_step(forward, optimizer, learning_rate_fn,
                                         label_smoothing=config.loss.label_smoothing,
                                         ema_decay=config.optimizer.ema_decay,
-                                        uses_grad_fn=optim.needs_grad_fn(config.optimizer))
+                                        uses_grad_fn=optim.needs_grad_fn(config.optimizer),
+                                        accumulation_steps=layout.accumulation_steps,
+                                        loss_scale_period=scale_period)
   return TrainingSetup(forward, optimizer, step, total_steps)
 
 
@@ -133,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   setup = setup_training(config, num_train_examples)
   total_steps = setup.total_steps
   train_iter = pipeline.make_train_iterator(config.data, global_batch_size=config.train.batch_size,
-                                            seed=config.seed, num_classes=info.num_classes)
+                                            seed=config.seed, num_classes=info.num_classes,
+                                            accumulation_steps=config.train.get('accumulation_steps', 1))
   if config.data.device_prefetch > 0:
     train_iter = device_prefetch.DevicePrefetch(train_iter, config.data.device_prefetch,
                                                 train_step_lib.AXIS_NAME)
@@ -159,31 +188,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
   step = int(state.step)
   replicated = distributed.replicate(state, train_step_lib.AXIS_NAME)
+  layout = accumulation.batch_layout(config.train, jax.device_count())
+  accumulating = (f' as {layout.accumulation_steps} micro-batches of {layout.micro_batch} per device'
+                  if layout.accumulation_steps > 1 else '')
   say(f'training {config.model.name} {config.model.variant} on {config.data.name} for {total_steps} steps '
-      f'({num_train_examples} examples per epoch, batch {config.train.batch_size}, {jax.local_device_count()} '
-      f'local device(s), {jax.process_count()} host(s))')
+      f'({num_train_examples} examples per epoch, batch {config.train.batch_size}{accumulating}, '
+      f'{jax.local_device_count()} local device(s), {jax.process_count()} host(s))')
 
   def save(force: bool = False) -> None:
     if checkpointer.wants(step, force):  # copying the state off the devices is not free: only when saving
       checkpointer.save(distributed.unreplicate(replicated), train_iter, meta, force=force)
 
-  # Each step's non-finite streak stays on the devices until the loop reads its metrics anyway (logging)
-  # or is about to write or evaluate the state, so the host never waits on a step just to check it.
-  unchecked_streaks: list[tuple[int, jax.Array]] = []
+  # Each step's skip flags stay on the devices until the loop reads its metrics anyway (logging) or is
+  # about to write or evaluate the state, so the host never waits on a step just to check it.
+  unchecked: list[tuple[int, dict[str, jax.Array]]] = []
 
-  def check_finite() -> None:
-    streaks = jax.device_get([streak for _, streak in unchecked_streaks])
-    steps = [at_step for at_step, _ in unchecked_streaks]
-    unchecked_streaks.clear()
-    for at_step, streak in zip(steps, streaks):
-      streak = int(streak[0])
-      if streak == 0:
+  def check_skips() -> None:
+    flags = jax.device_get([step_flags for _, step_flags in unchecked])
+    steps = [at_step for at_step, _ in unchecked]
+    unchecked.clear()
+    for at_step, step_flags in zip(steps, flags):
+      if 'overflow' in step_flags and step_flags['overflow'][0] > 0:
+        say(f'step {at_step}: float16 gradients overflowed at loss scale {step_flags["loss_scale"][0]:g}; '
+            f'update skipped and the scale halved', flush=True)
+        continue
+      streak = int(step_flags['nonfinite_streak'][0])
+      if step_flags['finite'][0] > 0 or streak == 0:
         continue
       say(f'step {at_step}: non-finite loss or gradient, update skipped ({streak} in a row)', flush=True)
       if streak >= config.train.max_consecutive_nonfinite:
         raise TrainingError(
             f'{streak} consecutive non-finite losses or gradients at step {at_step}; stopped. '
             f'The last good checkpoint (step {checkpointer.latest_step()}) is intact')
+
+  def skipped_so_far(source) -> dict[str, int]:
+    """The cumulative skip counts metrics.jsonl carries on every row, from a step's metrics or the state."""
+    counts = jax.device_get({name: source[name] if isinstance(source, dict) else getattr(source, name)
+                             for name in _SKIP_COUNTS})
+    return {f'skipped_updates/{name[len("skipped_"):]}': int(counts[name][0]) for name in _SKIP_COUNTS}
 
   def evaluating(at_step: int) -> bool:
     return config.train.eval_every_steps > 0 and at_step % config.train.eval_every_steps == 0
@@ -197,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         replicated, metrics = p_train_step(replicated, next(train_iter))
         step += 1
         window_steps += 1
-        unchecked_streaks.append((step, metrics['nonfinite_streak']))
+        unchecked.append((step, {k: metrics[k] for k in _SKIP_FLAGS if k in metrics}))
         if first_step:
           # Keep the first step's compilation out of the throughput and ETA.
           jax.block_until_ready(metrics)
@@ -205,10 +247,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         stopping = preempted.reached(step) or step == stop_after_step
         log_now = step % config.train.log_every_steps == 0 or step == total_steps
         if log_now:
-          metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+          skipped = skipped_so_far(metrics)
+          metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items() if k not in _SKIP_COUNTS}
           elapsed = time.time() - window_start
           metrics['images_per_sec'] = window_steps * config.train.batch_size / max(elapsed, 1e-9)
-          writer.write(step, metrics, prefix='train/')
+          writer.write(step, metrics, prefix='train/', unprefixed=skipped)
           eta = (total_steps - step) * elapsed / max(window_steps, 1)
           say(f'step {step}/{total_steps} | loss {metrics["loss"]:.4f} | top-1 {metrics["top1_acc"]:.3f} '
               f'| lr {metrics["learning_rate"]:.4g} | {metrics["images_per_sec"]:.0f} img/s '
@@ -216,18 +259,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
           window_start, window_steps = time.time(), 0
         # After the log line, which shows this step's metrics whatever they are.
         if log_now or stopping or checkpointer.wants(step) or evaluating(step):
-          check_finite()
+          check_skips()
         if stopping:
           save(force=True)
           say(f'checkpointed step {step} and stopped (preemption); rerun the same command to resume')
           return results
         save()
         if evaluating(step):
-          writer.write(step, run_eval(replicated), prefix='eval/')
-      check_finite()
+          writer.write(step, run_eval(replicated), prefix='eval/', unprefixed=skipped_so_far(replicated))
+      check_skips()
     save(force=True)
     results = run_eval(replicated)
-    writer.write(step, results, prefix='eval/')
+    writer.write(step, results, prefix='eval/', unprefixed=skipped_so_far(replicated))
   finally:
     if hasattr(train_iter, 'close'):
       train_iter.close()  # ends grain's worker processes and frees their shared memory

@@ -179,6 +179,22 @@ def test_the_global_batch_does_not_depend_on_the_number_of_hosts(augment):
       np.testing.assert_array_equal(batch[key], joined)
 
 
+@pytest.mark.parametrize('augment', [{'mix': 'none'}, {}])
+def test_accumulation_keeps_the_examples_and_splits_mixing_by_micro_batch(augment):
+  # 1 device running its batch of 12 as 2 micro-batches of 6 gets the batch of 2 devices x 6: the same
+  # examples at the same positions, MixUp and CutMix splitting each micro-batch as each device batch.
+  config = _data_config(**augment)
+  micro = _take(_train(config, global_batch_size=12, local_device_count=1, accumulation_steps=2), 2)
+  devices = _take(_train(config, global_batch_size=12, local_device_count=2), 2)
+  for accumulated, split in zip(micro, devices):
+    for key in ('images', 'labels'):
+      np.testing.assert_array_equal(accumulated[key].reshape(split[key].shape), split[key])
+  # Without mixing, the accumulation steps change nothing at all.
+  whole = _take(_train(config, global_batch_size=12, local_device_count=1), 2)
+  same = all(np.array_equal(a[key], b[key]) for a, b in zip(micro, whole) for key in ('images', 'labels'))
+  assert same == (augment.get('mix') == 'none')
+
+
 def test_one_epoch_visits_every_example_of_the_host_then_reshuffles(coded_source):
   config = _data_config(**_IDENTITY_AUGMENT)
   iterator = _train(config, global_batch_size=6, local_device_count=2)  # 60 = 10 batches.

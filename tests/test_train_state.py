@@ -6,6 +6,7 @@ import pytest
 from nfnets import checkpoint
 from nfnets import train_state
 from nfnets import trainer
+from nfnets.data import pipeline
 from nfnets.errors import CheckpointError
 from tests import tiny_setup
 
@@ -52,3 +53,34 @@ def test_init_from_refuses_another_architecture(trained):
   config.init_from = str(trained / 'nowhere')
   with pytest.raises(CheckpointError, match='no checkpoint at .*nowhere'):
     train_state.create_train_state(_setup(config), config)
+
+
+def test_a_checkpoint_written_before_the_loss_scale_fields_resumes_with_their_fresh_values(trained, tmp_path,
+                                                                                          monkeypatch):
+  config = tiny_setup.tiny_config()
+  setup = _setup(config)
+  like = train_state.fresh_train_state(setup.forward, setup.optimizer, config.seed, 32, initial_loss_scale=256.0)
+  data = pipeline.make_train_iterator(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+                                      num_classes=10)
+  source = checkpoint.TrainingCheckpointer(trained / 'checkpoints', save_every=10, keep=3)
+  state = source.restore(10, like, data)
+  source.close()
+  state = state._replace(skipped_overflow=np.int32(5))
+  # Write it as the project did before these fields existed: without them in the `train` item.
+  split_state = checkpoint.split_state
+
+  def old_split(tree):
+    weights, train = split_state(tree)
+    return weights, {k: v for k, v in train.items() if k not in checkpoint.ADDED_TRAIN_FIELDS}
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint, 'split_state', old_split)
+    old = checkpoint.TrainingCheckpointer(tmp_path / 'old', save_every=1, keep=1)
+    old.save(state, data, {})
+    old.wait_until_finished()
+    old.close()
+  resumed = checkpoint.TrainingCheckpointer(tmp_path / 'old', save_every=1, keep=1).restore(10, like, data)
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  assert int(resumed.step) == 10
+  assert float(resumed.loss_scale) == 256.0 and int(resumed.skipped_overflow) == 0

@@ -20,10 +20,18 @@ from tests.tiny_setup import tiny_config
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _logged(workdir, key):
+def _rows(workdir):
+  """metrics.jsonl's rows, parsed strictly: NaN or Infinity (not JSON) fail the test."""
+
+  def refuse(constant):
+    raise ValueError(f'metrics.jsonl holds {constant}, which is not JSON')
+
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  return [(r['step'], r[key]) for r in rows if key in r]
+    return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def _logged(workdir, key):
+  return [(r['step'], r[key]) for r in _rows(workdir) if key in r]
 
 
 def _final_weights(workdir):
@@ -154,6 +162,12 @@ def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_p
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_final_weights(workdir)))
   logged = [v for s, v in _logged(workdir, 'train/finite') if s in (10, 15)]
   assert logged == ([1.0, 0.0] if log_every_steps == 5 else [1.0])
+  # Strict JSON: the step-15 row writes its NaN loss as null, next to its flag, and counts the skips.
+  rows = {row['step']: row for row in _rows(workdir) if 'train/loss' in row}
+  assert rows[10]['skipped_updates/nonfinite'] == 0 and rows[10]['skipped_updates/overflow'] == 0
+  if log_every_steps == 5:
+    assert rows[15]['train/loss'] is None and rows[15]['train/finite'] == 0.0
+    assert rows[15]['skipped_updates/nonfinite'] == 3
   printed = capsys.readouterr().out
   assert 'step 13: non-finite loss or gradient, update skipped (1 in a row)' in printed
   assert 'step 16:' not in printed  # stopped at the first step that reached the limit
@@ -177,6 +191,12 @@ def _run_train(*args):
     (['--config', 'configs/nfnet.py:F9'], "unknown NFNet variant 'F9'"),
     (['--config.data.name=cifar'], "cifar"),
     (['--config', 'configs/nfnet.py:F0', '--config.data.data_dir=/nonexistent'], 'prepare_imagenet'),
+    (['--config.train.accumulation_steps=0'], 'config.train.accumulation_steps must be an integer >= 1, got 0'),
+    # The default tiny preset trains at batch 64; the tests simulate 2 devices.
+    (['--config.train.accumulation_steps=3'],
+     'config.train.batch_size 64 does not split into 3 micro-batches on each of 2 devices'),
+    (['--config.precision.compute_dtype=float16', '--config.precision.initial_loss_scale=0.5'],
+     'compute_dtype float16 needs config.precision.initial_loss_scale >= 1, got 0.5'),
 ])
 def test_bad_command_lines_fail_with_one_clear_line(args, message, tmp_path):
   result = _run_train(*args, '--workdir', str(tmp_path / 'w'))
@@ -184,3 +204,75 @@ def test_bad_command_lines_fail_with_one_clear_line(args, message, tmp_path):
   assert message in result.stderr
   assert result.stderr.strip().count('\n') == 0, result.stderr
   assert not (tmp_path / 'w').exists()  # a run that never started leaves nothing behind
+
+
+# --- gradient accumulation and float16 through the whole loop -------------------------------------------
+
+def _accumulating_config():
+  config = tiny_config(num_steps=12)
+  config.train.accumulation_steps = 2  # micro-batches of 8 on each of the 2 simulated devices
+  return config
+
+
+@pytest.fixture(scope='module')
+def accumulating(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('accumulating'))
+  return workdir, trainer.train_and_evaluate(_accumulating_config(), workdir)
+
+
+def test_a_run_with_accumulation_preempted_mid_update_resumes_bitwise(accumulating, tmp_path, monkeypatch, capsys):
+  def preempt(batch):
+    os.kill(os.getpid(), signal.SIGTERM)  # while an update's micro-batches run on the devices
+    return batch
+
+  workdir = str(tmp_path / 'preempted')
+  with monkeypatch.context() as patch:
+    _intercept_train_batches(patch, 7, preempt)
+    assert trainer.train_and_evaluate(_accumulating_config(), workdir) == {}
+  assert 'batch 32 as 2 micro-batches of 8 per device' in capsys.readouterr().out
+  # Checkpointed at an update boundary (the update in flight finished first), as without accumulation.
+  assert checkpoint.TrainingCheckpointer(os.path.join(workdir, 'checkpoints'), save_every=10,
+                                         keep=3).latest_step() == 6
+  assert trainer.train_and_evaluate(_accumulating_config(), workdir) == accumulating[1]
+  expected, resumed = _final_weights(accumulating[0]), _final_weights(workdir)
+  for name in expected:
+    for a, b in zip(jax.tree.leaves(expected[name]), jax.tree.leaves(resumed[name])):
+      np.testing.assert_array_equal(a, b)
+  # One row per logged update, each with the run's skip counts.
+  rows = [row for row in _rows(accumulating[0]) if 'train/loss' in row]
+  assert [row['step'] for row in rows] == [5, 10, 12]
+  assert all(row['skipped_updates/overflow'] == row['skipped_updates/nonfinite'] == 0 for row in rows)
+
+
+def _with_overflowing_targets(batch):
+  # Finite targets of 3e4: the float32 loss stays finite, its float16 backward pass at a loss scale of
+  # 2^15 overflows (the logits' cotangent is ~scale x target / batch, far above float16's 65504).
+  return dict(batch, labels=batch['labels'] * np.float32(3e4))
+
+
+def test_float16_trains_the_tiny_preset_and_skips_an_injected_overflow(tmp_path, monkeypatch, capsys):
+  config = tiny_config(num_steps=6)
+  config.precision.compute_dtype = 'float16'
+  config.train.log_every_steps = 2
+  served = []
+
+  def overflow_the_third(batch):
+    served.append(None)
+    return _with_overflowing_targets(batch) if len(served) == 1 else batch
+
+  _intercept_train_batches(monkeypatch, 3, overflow_the_third)
+  workdir = str(tmp_path / 'float16')
+  results = trainer.train_and_evaluate(config, workdir)
+  printed = capsys.readouterr().out
+  assert 'step 3: float16 gradients overflowed at loss scale 32768; update skipped and the scale halved' in printed
+  assert 'non-finite' not in printed
+  rows = _rows(workdir)
+  train_rows = {row['step']: row for row in rows if 'train/loss' in row}
+  assert [train_rows[s]['skipped_updates/overflow'] for s in (2, 4, 6)] == [0, 1, 1]
+  assert all(row['skipped_updates/nonfinite'] == 0 for row in rows)
+  assert train_rows[4]['train/loss_scale'] == 2.0 ** 14 and train_rows[6]['train/finite'] == 1.0
+  # The eval row carries the counts too; evaluation ran in float32 on trained, finite weights.
+  assert rows[-1]['step'] == 6 and rows[-1]['skipped_updates/overflow'] == 1 and 'eval/top1' in rows[-1]
+  assert results['top1'] > 0.1
+  weights = _final_weights(workdir)['']
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(weights))

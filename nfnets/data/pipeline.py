@@ -62,6 +62,7 @@ def make_train_iterator(
     process_count: int | None = None,
     local_device_count: int | None = None,
     source: Sequence[dict[str, Any]] | None = None,
+    accumulation_steps: int = 1,
 ) -> grain.DatasetIterator:
   """An endless, resumable iterator of training batches for this host.
 
@@ -72,13 +73,19 @@ def make_train_iterator(
   state only fits an iterator built with the same config, seed and host layout. `source` replaces
   the training split (`sources.get_source(data_config, data_config.train_split)`), e.g. for a
   benchmark.
+
+  With `accumulation_steps` k the train step runs each device batch as k consecutive micro-batches
+  (`nfnets.accumulation`): the examples are the same, but MixUp and CutMix split each micro-batch
+  (the batch one forward pass sees, as the reference's device batch was) rather than the device batch.
   """
   process_index, process_count, local_device_count = _host_layout(
       process_index, process_count, local_device_count)
   per_host = host_batch_size(global_batch_size, process_count, local_device_count)
   per_device = per_host // local_device_count
+  if accumulation_steps < 1 or per_device % accumulation_steps:
+    raise ConfigError(f'Per-device batch {per_device} must split into {accumulation_steps} micro-batches.')
   transform = train_transform.TrainTransform.from_config(
-      data_config, num_classes=num_classes, per_device=per_device)
+      data_config, num_classes=num_classes, per_device=per_device // accumulation_steps)
   if source is None:
     source = sources.get_source(data_config, data_config.train_split)
   sources_per_batch = global_batch_size * transform.crops_per_example
@@ -242,7 +249,8 @@ class _TrainExample(grain.transforms.Map):
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     position = element['position']
-    # Device batches are contiguous runs of per_device examples of the global stream.
+    # Device batches (micro-batches under accumulation) are contiguous runs of per_device examples of the
+    # global stream.
     return self.transform(element['sources'], position % self.transform.per_device,
                           _rng(self.seed, position))
 

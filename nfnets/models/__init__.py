@@ -123,11 +123,9 @@ def contradiction(config: Mapping[str, Any], stored: Mapping[str, Any]) -> Optio
 
 def precision_policy(compute_dtype: str) -> jmp.Policy:
   """float32 parameters and outputs (logits), `compute_dtype` activations and matmuls."""
-  if compute_dtype == 'float16':
-    # float16 gradients underflow without loss scaling, which the train step does not do.
-    raise ConfigError('compute dtype float16 needs loss scaling, which is not implemented; use bfloat16')
-  if compute_dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f'unknown compute dtype {compute_dtype!r}; use float32 or bfloat16')
+  # float16 gradients underflow unless the loss is scaled: the train step does so for float16 compute.
+  if compute_dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ConfigError(f'unknown compute dtype {compute_dtype!r}; use float32, bfloat16 or float16')
   return jmp.get_policy(f'params=float32,compute={compute_dtype},output=float32')
 
 
