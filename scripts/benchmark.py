@@ -18,7 +18,8 @@ two.
 
 `memory` compiles the train step at `--batch` examples per device without running it and reports the
 memory XLA assigns to it per device (arguments, outputs, temporaries, total; see `scripts/step_memory.py`).
-`--remat` (like `--config.model.remat=True`) rematerialises each residual block.
+`--remat` (like `--config.model.remat=True`) rematerialises each residual block; `--nocompile` reports
+only the state's size and the activations saved for the backward pass, which need no compile.
 
 `input` times the full training transform of `nfnets.data` (the reference's: per example two crops
 decoded at full resolution, random-resized crop, flip, TF bicubic resize to float32, MixUp/CutMix of
@@ -294,7 +295,7 @@ def run_memory(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   from scripts import step_benchmark, step_memory  # Import JAX and the model: only the step commands need them.
   config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=args.resolution or
                                           config.data.train_resolution, dtype=args.dtype, remat=args.remat)
-  return {'config': args.config_name, **step_memory.report(config, args.batch)}
+  return {'config': args.config_name, **step_memory.report(config, args.batch, compile_step=args.compile)}
 
 
 SUBCOMMANDS = {'input': run_input, 'train': run_step, 'eval': run_step, 'memory': run_memory}
@@ -318,6 +319,8 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'train/eval: timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'train/eval: untimed steps after compiling.')
 _BASELINE = flags.DEFINE_enum('baseline', None, ('native', 'split'),
                               'train/eval: also time the step with the grouped convs in this mode, alternating.')
+_COMPILE = flags.DEFINE_boolean('compile', True, 'memory: compile the step for XLA\'s figures; --nocompile '
+                                'reports only the state and the saved activations (tracing alone).')
 _MATMUL_SIZE = flags.DEFINE_integer('matmul_size', None, 'train/eval: side of the square matmul that measures '
                                     'the peak; default by device.')
 
@@ -328,7 +331,8 @@ def _step_args(command: str) -> types.SimpleNamespace:
     raise ConfigError('need --batch >= 1, --steps >= 1, --warmup >= 0, --resolution >= 8 and --matmul_size >= 1')
   return types.SimpleNamespace(command=command, config_name=common.config_name(), resolution=_RESOLUTION.value,
                                batch=_BATCH.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                               baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value, remat=_REMAT.value)
+                               baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value, remat=_REMAT.value,
+                               compile=_COMPILE.value)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -14,6 +14,14 @@ then gives XLA's buffer assignment on the current backend:
                the optimiser's intermediates
   total        arguments + outputs - aliased + temporaries: what the step needs on the device
 
+Beside XLA's figures, `saved_activation_bytes`: the activations JAX's autodiff keeps from the forward pass
+for the backward pass of one device's loss (the residuals of its VJP, not counting the parameters and the
+batch, which are arguments). It is what rematerialisation reduces, computed from the program before any
+compiler sees it, so it is the same on every backend. It matters on CPU: XLA CPU expands JAX's optimisation
+barriers before its common-subexpression elimination, which then merges each block's recomputation back
+into the forward pass, so a CPU compile shows no saving from `config.model.remat` (a GPU or TPU compile keeps
+the barriers). `--nocompile` reports only this figure and the state's size (fast: tracing, no XLA compile).
+
 A pmapped step's per-device program is the same on one device as on many (only its collectives differ), so
 the figures are per device for any device count at this per-device batch. They are the compiler's plan, not a
 measurement of a run: an accelerator's allocator adds fragmentation and its runtime a reserve on top.
@@ -21,9 +29,12 @@ measurement of a run: an accelerator's allocator adds fragmentation and its runt
 import time
 from typing import Any
 
+from jax._src import ad_checkpoint  # `saved_residuals`, what the public `print_saved_residuals` prints
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from nfnets import train_state as train_state_lib
 from nfnets import train_step as train_step_lib
@@ -88,12 +99,46 @@ def memory_figures(compiled: jax.stages.Compiled) -> dict[str, int]:
   return figures
 
 
-def report(config: ml_collections.ConfigDict, per_device_batch: int) -> dict[str, Any]:
-  """The memory report of `config`'s train step at `per_device_batch` examples per device."""
-  start = time.perf_counter()
-  compiled = compile_train_step(config, per_device_batch)
-  compile_s = time.perf_counter() - start
-  figures = memory_figures(compiled)
+def _nbytes(leaf) -> int:
+  return int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+
+
+def saved_activation_bytes(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
+  """Bytes the forward pass of one device's training loss keeps for its backward pass, arguments excluded."""
+  setup = training_setup(config)
+  state = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
+                       abstract_train_state(setup, config))
+  images = jax.ShapeDtypeStruct(train_batch_spec(config, per_device_batch)['images'].shape[1:], jnp.float32)
+
+  def loss(params, images):
+    logits, _ = setup.forward.apply(params, state.model_state, jax.random.PRNGKey(0), images, is_training=True)
+    return jnp.mean(logits.astype(jnp.float32))
+
+  residuals = ad_checkpoint.saved_residuals(loss, state.params, images)
+  return sum(_nbytes(aval) for aval, source in residuals if not source.startswith('from the argument'))
+
+
+def saved_activations(config: ml_collections.ConfigDict, per_device_batch: int) -> dict[str, int]:
+  """`saved_activation_bytes` at `per_device_batch`, and its growth per example (from a second trace at twice
+  the batch): without remat the kept tensors include batch-independent ones, e.g. the standardised weights."""
+  at_batch = saved_activation_bytes(config, per_device_batch)
+  per_example = (saved_activation_bytes(config, 2 * per_device_batch) - at_batch) // per_device_batch
+  return {'saved_activation_bytes': at_batch, 'saved_activation_bytes_per_example': per_example}
+
+
+def report(config: ml_collections.ConfigDict, per_device_batch: int, compile_step: bool = True) -> dict[str, Any]:
+  """The memory report of `config`'s train step at `per_device_batch` examples per device; without
+  `compile_step`, only the state's size and the saved activations (no XLA compile)."""
+  activations = saved_activations(config, per_device_batch)
+  if compile_step:
+    start = time.perf_counter()
+    compiled = compile_train_step(config, per_device_batch)
+    compile_s = time.perf_counter() - start
+    figures = memory_figures(compiled)
+  else:
+    state = abstract_train_state(training_setup(config), config)
+    figures = {'state_bytes': sum(_nbytes(leaf) for leaf in jax.tree.leaves(state))}
+  figures.update(activations)
   return {
       'benchmark': 'memory',
       'model': f'{config.model.name} {config.model.get("variant", "")}'.strip(),
@@ -104,8 +149,8 @@ def report(config: ml_collections.ConfigDict, per_device_batch: int) -> dict[str
       'grouped_conv': layers.resolve_grouped_conv(config.model.get('grouped_conv', 'auto')),
       'backend': jax.default_backend(),
       'device': jax.local_devices()[0].device_kind,
-      'state_donated': True,
+      **({'state_donated': True} if compile_step else {}),
       **figures,
       **{name.replace('_bytes', '_gib'): round(value / GIB, 3) for name, value in figures.items()},
-      'compile_s': round(compile_s, 1),
+      **({'compile_s': round(compile_s, 1)} if compile_step else {}),
   }
