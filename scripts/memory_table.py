@@ -14,8 +14,9 @@ remat no longer keeps: an estimate, because XLA CPU undoes remat in its compile 
 so its own totals cannot show the saving. From each micro-batch, the accumulation steps that reach the
 recipe's batch on each of `--devices` device counts: the fewest k such that the recipe's batch splits into
 `devices x k` micro-batches that fit. Measurements already in `--out` are reused, so an interrupted run
-resumes; `--skip_compile VARIANTS` leaves out the compiles of variants too slow to compile on this machine
-(their rows show the activations only). The last output is the Markdown table.
+resumes; `--skip_compile VARIANTS` leaves out the compiles of variants too slow to compile on this machine:
+their rows are trace estimates, the state plus the activations kept for the backward pass (for F0, whose step
+was compiled, the two agree within a few percent). The last output is the Markdown table.
 """
 import json
 import math
@@ -88,10 +89,11 @@ def _cell(intercept: float, slope: float, capacity_gib: float, device_counts: Se
 
 def table(records: Sequence[dict[str, Any]], variants: Sequence[str], capacities: Sequence[float],
           device_counts: Sequence[int]) -> str:
-  """The Markdown table: per variant and remat, the state, the activations per example, XLA's fitted line and
-  the micro-batch (and accumulation steps) that fits each capacity."""
+  """The Markdown table: per variant and remat, the state, the activations per example, the total's line
+  (XLA's fit where compiled, else the trace estimate) and the micro-batch (and accumulation steps) that fits
+  each capacity."""
   header = ['model', 'resolution', 'remat', 'state GiB', 'activations GiB / example',
-            'XLA CPU total GiB: fixed + per example']
+            'total GiB: fixed + per example']
   header += [f'{c:g} GiB: micro-batch (k on {"/".join(map(str, device_counts))} devices)' for c in capacities]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for variant in variants:
@@ -105,14 +107,19 @@ def table(records: Sequence[dict[str, Any]], variants: Sequence[str], capacities
         continue
       row = [variant, str(traced[remat]['resolution']), 'yes' if remat else 'no',
              f'{traced[remat]["state_bytes"] / GIB:.2f}', f'{per_example[remat] / GIB:.4f}']
-      if line is None:
-        row += ['not compiled'] + ['-'] * len(capacities)
+      if line is None:  # not compiled: the state plus the kept activations, from the trace alone
+        record = traced[remat]
+        slope = per_example[remat]
+        intercept = record['state_bytes'] + record['saved_activation_bytes'] - record['per_device_batch'] * slope
+        note = ' (trace estimate)'
       else:
         intercept, slope = line
+        note = ''
         if remat:  # remat keeps fewer activations per example; XLA CPU cannot show it (module docstring)
           slope -= per_example[False] - per_example[True]
-        row.append(f'{intercept / GIB:.2f} + {slope / GIB:.4f}' + (' (estimate)' if remat else ''))
-        row += [_cell(intercept, slope, c, device_counts) for c in capacities]
+          note = ' (estimate)'
+      row.append(f'{intercept / GIB:.2f} + {slope / GIB:.4f}{note}')
+      row += [_cell(intercept, slope, c, device_counts) for c in capacities]
       lines.append('| ' + ' | '.join(row) + ' |')
   return '\n'.join(lines)
 

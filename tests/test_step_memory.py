@@ -109,3 +109,12 @@ def test_table_estimates_remat_from_the_activations_it_no_longer_keeps():
   assert rows[0].split(' | ')[-1] == '52 (128/2) |'   # (16 - 3) GiB / 0.25 GiB per example
   # 1/8 - 1/32 GiB fewer per example: 0.15625 GiB, so (16 - 3) / 0.15625 = 83.2 examples.
   assert rows[1].split(' | ')[-1] == '83 (64/1) |' and '(estimate)' in rows[1]
+
+
+def test_table_without_a_compile_estimates_from_the_trace():
+  gib = 2**30
+  records = [{'config': 'F6', 'remat': False, 'per_device_batch': 16, 'resolution': 448, 'state_bytes': 4 * gib,
+              'saved_activation_bytes': 16 * gib // 2 + gib, 'saved_activation_bytes_per_example': gib // 2}]
+  row = memory_table.table(records, ['F6'], [40.0], [8]).splitlines()[2]
+  # (40 - 4 - 1) GiB / 0.5 GiB per example = 70 examples; 512 per device = 8 x 64.
+  assert row.endswith('| 5.00 + 0.5000 (trace estimate) | 70 (8) |')
