@@ -17,10 +17,9 @@ then gives XLA's buffer assignment on the current backend:
 Beside XLA's figures, `saved_activation_bytes`: the activations JAX's autodiff keeps from the forward pass
 for the backward pass of one device's loss (the residuals of its VJP, not counting the parameters and the
 batch, which are arguments). It is what rematerialisation reduces, computed from the program before any
-compiler sees it, so it is the same on every backend. It matters on CPU: XLA CPU expands JAX's optimisation
-barriers before its common-subexpression elimination, which then merges each block's recomputation back
-into the forward pass, so a CPU compile shows no saving from `config.model.remat` (a GPU or TPU compile keeps
-the barriers). `--nocompile` reports only this figure and the state's size (fast: tracing, no XLA compile).
+compiler sees it, so it is the same on every backend. It matters on CPU: XLA CPU's compiled program keeps no
+optimisation barrier and no recomputation (they are merged back into the forward pass), so a CPU compile
+shows no saving from `config.model.remat` (docs/memory.md). `--nocompile` reports only this figure and the state's size (fast: tracing, no XLA compile).
 
 A pmapped step's per-device program is the same on one device as on many (only its collectives differ), so
 the figures are per device for any device count at this per-device batch. They are the compiler's plan, not a
