@@ -46,7 +46,8 @@ GIB = 2**30
 
 
 def measure_command(variant: str, batch: int, remat: bool, compile_step: bool) -> list[str]:
-  return [sys.executable, '-m', 'scripts.benchmark', 'memory', f'--config={common.REPO_ROOT}/configs/nfnet.py:{variant}',
+  return [sys.executable, '-m', 'scripts.benchmark', 'memory',
+          f'--config={common.REPO_ROOT}/configs/nfnet.py:{variant}',
           f'--batch={batch}', '--dtype=bfloat16', f'--remat={remat}', f'--compile={compile_step}',
           '--config.model.grouped_conv=native']
 

@@ -19,7 +19,8 @@ for the backward pass of one device's loss (the residuals of its VJP, not counti
 batch, which are arguments). It is what rematerialisation reduces, computed from the program before any
 compiler sees it, so it is the same on every backend. It matters on CPU: XLA CPU's compiled program keeps no
 optimisation barrier and no recomputation (they are merged back into the forward pass), so a CPU compile
-shows no saving from `config.model.remat` (docs/memory.md). `--nocompile` reports only this figure and the state's size (fast: tracing, no XLA compile).
+shows no saving from `config.model.remat` (docs/memory.md). `--nocompile` reports only this figure and the
+state's size (fast: tracing, no XLA compile).
 
 A pmapped step's per-device program is the same on one device as on many (only its collectives differ), so
 the figures are per device for any device count at this per-device batch. They are the compiler's plan, not a
@@ -28,9 +29,8 @@ measurement of a run: an accelerator's allocator adds fragmentation and its runt
 import time
 from typing import Any
 
-from jax._src import ad_checkpoint  # `saved_residuals`, what the public `print_saved_residuals` prints
-
 import jax
+from jax._src import ad_checkpoint  # `saved_residuals`: what the public `print_saved_residuals` prints
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

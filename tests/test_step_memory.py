@@ -45,7 +45,8 @@ def test_compiled_step_figures_add_up_without_allocating_the_state():
   figures = step_memory.memory_figures(step_memory.compile_train_step(config, 4))
   state = step_memory.abstract_train_state(step_memory.training_setup(config), config)
   state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
-  batch_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in step_memory.train_batch_spec(config, 4).values())
+  batch_spec = step_memory.train_batch_spec(config, 4)
+  batch_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in batch_spec.values())
   assert figures['argument_bytes'] == state_bytes + batch_bytes
   assert figures['aliased_bytes'] == state_bytes  # the new state reuses the donated one
   assert figures['temporary_bytes'] > 0
@@ -98,8 +99,10 @@ def test_fit_and_accumulation_steps():
 def test_table_estimates_remat_from_the_activations_it_no_longer_keeps():
   gib = 2**30
   records = [
-      {'config': 'F0', 'remat': False, 'per_device_batch': 16, 'resolution': 192, 'total_bytes': 3 * gib + 16 * gib // 4},
-      {'config': 'F0', 'remat': False, 'per_device_batch': 64, 'resolution': 192, 'total_bytes': 3 * gib + 64 * gib // 4},
+      {'config': 'F0', 'remat': False, 'per_device_batch': 16, 'resolution': 192,
+       'total_bytes': 3 * gib + 16 * gib // 4},
+      {'config': 'F0', 'remat': False, 'per_device_batch': 64, 'resolution': 192,
+       'total_bytes': 3 * gib + 64 * gib // 4},
       {'config': 'F0', 'remat': False, 'per_device_batch': 16, 'resolution': 192, 'state_bytes': gib,
        'saved_activation_bytes': 3 * gib, 'saved_activation_bytes_per_example': gib // 8},
       {'config': 'F0', 'remat': True, 'per_device_batch': 16, 'resolution': 192, 'state_bytes': gib,
