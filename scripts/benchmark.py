@@ -5,6 +5,7 @@
   python -m scripts.benchmark train --config configs/nfnet.py:F0 --resolution 192 --batch 8 \
       --dtype float32 --steps 5 [--baseline native] [--config.model.grouped_conv=native]
   python -m scripts.benchmark eval --config configs/nfnet.py:F0 --resolution 256 --batch 8
+  python -m scripts.benchmark memory --config configs/nfnet.py:F3 --batch 32 [--remat]
 
 The config comes through the shared command-line layer (`--config path:arg`, `--config.data.x=value`
 overrides; default configs/nfnet.py:F0); `input` reads its `data` section.
@@ -15,6 +16,11 @@ device's matmul peak measured in the same run (MFU), and peak host memory. `--re
 and `--dtype` set the config's train and eval fields alike; `--baseline MODE` also builds the step with
 the model's grouped convs run as MODE (`native`: the straightforward formulation) and alternates the
 two.
+
+`memory` compiles the train step at `--batch` examples per device without running it and reports the
+memory XLA assigns to it per device (arguments, outputs, temporaries, total; see `scripts/step_memory.py`).
+`--remat` (like `--config.model.remat=True`) rematerialises each residual block; `--nocompile` reports
+only the state's size and the activations saved for the backward pass, which need no compile.
 
 `input` times the full training transform of `nfnets.data` (the reference's: per example two crops
 decoded at full resolution, random-resized crop, flip, TF bicubic resize to float32, MixUp/CutMix of
@@ -298,13 +304,22 @@ def run_step(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   from scripts import step_benchmark  # Imports JAX and the model: only the step benchmarks need them.
   resolution = args.resolution or (config.data.train_resolution if args.command == 'train'
                                    else config.data.eval_resolution)
-  config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=resolution, dtype=args.dtype)
+  config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=resolution, dtype=args.dtype,
+                                          remat=args.remat)
   report = step_benchmark.run(args.command, config, steps=args.steps, warmup=args.warmup,
                               baseline_grouped_conv=args.baseline, matmul_size=args.matmul_size)
   return {'config': args.config_name, **report}
 
 
-SUBCOMMANDS = {'input': run_input, 'train': run_step, 'eval': run_step}
+def run_memory(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The train step's memory report at `args.batch` examples per device."""
+  from scripts import step_benchmark, step_memory  # Import JAX and the model: only the step commands need them.
+  config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=args.resolution or
+                                          config.data.train_resolution, dtype=args.dtype, remat=args.remat)
+  return {'config': args.config_name, **step_memory.report(config, args.batch, compile_step=args.compile)}
+
+
+SUBCOMMANDS = {'input': run_input, 'train': run_step, 'eval': run_step, 'memory': run_memory}
 STEP_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -320,12 +335,16 @@ _WORKERS = flags.DEFINE_integer('workers', None, 'input: time the training pipel
 _EVAL_PIPELINE = flags.DEFINE_bool('eval_pipeline', False, 'input --workers N: time the evaluation pipeline.')
 _RESOLUTION = flags.DEFINE_integer('resolution', None, "train/eval: image size; default: the config's train "
                                    '(eval) resolution.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'train/eval: batch size on the one device.')
-_DTYPE = flags.DEFINE_enum('dtype', None, STEP_DTYPES, "train/eval: compute dtype; default: the config's.")
+_BATCH = flags.DEFINE_integer('batch', 8, 'train/eval/memory: batch size on the one device.')
+_DTYPE = flags.DEFINE_enum('dtype', None, STEP_DTYPES, "train/eval/memory: compute dtype; default: the config's.")
+_REMAT = flags.DEFINE_boolean('remat', None, "train/eval/memory: rematerialise each residual block (sets "
+                              "config.model.remat); default: the config's.")
 _STEPS = flags.DEFINE_integer('steps', 5, 'train/eval: timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'train/eval: untimed steps after compiling.')
 _BASELINE = flags.DEFINE_enum('baseline', None, ('native', 'split'),
                               'train/eval: also time the step with the grouped convs in this mode, alternating.')
+_COMPILE = flags.DEFINE_boolean('compile', True, 'memory: compile the step for XLA\'s figures; --nocompile '
+                                'reports only the state and the saved activations (tracing alone).')
 _MATMUL_SIZE = flags.DEFINE_integer('matmul_size', None, 'train/eval: side of the square matmul that measures '
                                     'the peak; default by device.')
 
@@ -336,7 +355,8 @@ def _step_args(command: str) -> types.SimpleNamespace:
     raise ConfigError('need --batch >= 1, --steps >= 1, --warmup >= 0, --resolution >= 8 and --matmul_size >= 1')
   return types.SimpleNamespace(command=command, config_name=common.config_name(), resolution=_RESOLUTION.value,
                                batch=_BATCH.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                               baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value)
+                               baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value, remat=_REMAT.value,
+                               compile=_COMPILE.value)
 
 
 def main(argv: Sequence[str]) -> None:

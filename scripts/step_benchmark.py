@@ -28,15 +28,15 @@ from nfnets import train_step as train_step_lib
 from nfnets import trainer
 from nfnets.models import layers
 from nfnets.data import pipeline
-from nfnets.data import sources
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from scripts import step_memory
 
 
 def apply_overrides(config: ml_collections.ConfigDict, *, batch: int, resolution: int,
-                    dtype: str | None) -> ml_collections.ConfigDict:
+                    dtype: str | None, remat: bool | None = None) -> ml_collections.ConfigDict:
   """A copy of `config` with the benchmark's batch size, resolution and (unless None) compute dtype, each
-  set for training and evaluation alike."""
+  set for training and evaluation alike, and (unless None) the model's rematerialisation."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.batch_size = batch
   config.train.eval_batch_size = batch
@@ -45,6 +45,8 @@ def apply_overrides(config: ml_collections.ConfigDict, *, batch: int, resolution
   if dtype is not None:
     config.precision.compute_dtype = dtype
     config.precision.eval_compute_dtype = dtype
+  if remat is not None:
+    config.model.remat = remat
   return config
 
 
@@ -151,9 +153,7 @@ class _TimedStep:
 
 def _build(kind: str, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]) -> _TimedStep:
   devices = jax.local_devices()[:1]
-  info = sources.dataset_info(config.data)
-  num_train_examples = info.num_examples.get(config.data.train_split, 1000 * config.train.batch_size)
-  setup = trainer.setup_training(config, num_train_examples)
+  setup = step_memory.training_setup(config)
   state, _ = train_state_lib.create_train_state(setup, config)
   state = distributed.replicate(state, train_step_lib.AXIS_NAME, devices)
   if kind == 'train':

@@ -78,7 +78,7 @@ def test_both_transforms_make_uint8_examples_from_disjoint_pairs_of_jpegs(tmp_pa
 
 def _step_args(command, **overrides):
   args = dict(command=command, config_name='tiny_setup', resolution=None, batch=8, dtype=None, steps=2,
-              warmup=1, baseline=None, matmul_size=256)
+              warmup=1, baseline=None, matmul_size=256, remat=None, compile=True)
   return types.SimpleNamespace(**{**args, **overrides})
 
 

@@ -259,15 +259,32 @@ def signal_stats(output: jax.Array, residual: jax.Array) -> dict[str, jax.Array]
   return dict(avg_sq_mean=avg_sq_mean, avg_var=avg_var, res_avg_var=_channel_stats(residual)[1])
 
 
+# What a rematerialised block keeps for its backward pass besides its input: nothing (see `run_blocks`).
+REMAT_POLICY = None
+
+
 def run_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, jax.Array]]], x: jax.Array, is_training: bool,
-               return_metrics: bool) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+               return_metrics: bool, remat: bool = False) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
   """Applies residual blocks (each returning its output and its residual branch) in order; with
-  `return_metrics`, also each block's `signal_stats` under its module name."""
+  `return_metrics`, also each block's `signal_stats` under its module name.
+
+  With `remat`, each block is rematerialised (`hk.remat`): the backward pass keeps only the block's input
+  and recomputes its activations, trading about one extra forward pass for activation memory that no longer
+  grows with depth inside a block. `hk.remat` threads the block's parameters, Haiku state (batch statistics)
+  and RNG keys (stochastic depth) through the recomputation, so outputs and gradients are unchanged. The
+  statistics are computed inside the rematerialised function so that only scalars, not the residual
+  branch, leave it.
+  """
   signal = {}
   for block in blocks:
-    x, residual = block(x, is_training)
+    def apply(h, block=block):
+      out, residual = block(h, is_training)
+      return out, (signal_stats(out, residual) if return_metrics else {})
+    if remat:
+      apply = hk.remat(apply, policy=REMAT_POLICY)
+    x, stats = apply(x)
     if return_metrics:
-      signal[block.module_name] = signal_stats(x, residual)
+      signal[block.module_name] = stats
   return x, signal
 
 

@@ -108,7 +108,8 @@ class NFRegNet(hk.Module):
   def __init__(self, num_classes: int, variant: str = 'B0', width: float = 0.75, expansion: float = 2.25,
                group_width: int = 8, se_ratio: float = 0.5, alpha: float = 0.2, stochdepth_rate: float = 0.1,
                drop_rate: float = 0.0, activation: str = 'silu', depths: Sequence[int] | None = None,
-               widths: Sequence[int] | None = None, grouped_conv: str = 'auto', name: str = 'NF_RegNet'):
+               widths: Sequence[int] | None = None, grouped_conv: str = 'auto', remat: bool = False,
+               name: str = 'NF_RegNet'):
     super().__init__(name=name)
     entry = models.get_variant('nf_regnet', variant)
     self.depths = tuple(depths if depths is not None else entry['depths'])
@@ -116,6 +117,7 @@ class NFRegNet(hk.Module):
     if len(self.depths) != NUM_STAGES or len(self.widths) != NUM_STAGES:
       raise ConfigError(f'depths and widths need {NUM_STAGES} stages, got {self.depths} and {self.widths}')
     self.drop_rate = drop_rate
+    self.remat = remat
     self.activation = layers.get_activation(activation)
     channels = self.widths[0]
     self.initial_conv = layers.WSConv2D(channels, 3, stride=2, name='initial_conv')
@@ -140,7 +142,7 @@ class NFRegNet(hk.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'NFRegNet expects NHWC RGB images, got shape {x.shape}.')
     x = self.initial_conv(x)
-    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics, self.remat)
     x = self.activation(self.final_conv(x))
     return layers.pooled_classifier(x, self.linear, drop_rate=self.drop_rate, is_training=is_training,
                                     signal=signal, return_metrics=return_metrics)
@@ -161,6 +163,7 @@ def default_model_config(variant: str = 'B0') -> ml_collections.ConfigDict:
       drop_rate=0.0,
       activation='silu',
       grouped_conv='auto',
+      remat=False,                # recompute each block's activations in the backward pass
       depths=ml_collections.config_dict.placeholder(tuple),
       widths=ml_collections.config_dict.placeholder(tuple),
   ))
@@ -172,5 +175,5 @@ models.register(models.ModelFamily(
     variants=VARIANTS,
     default_model_config=default_model_config,
     classifier_module='NF_RegNet/~/linear',
-    training_only_keys=('drop_rate', 'stochdepth_rate', 'grouped_conv'),
+    training_only_keys=('drop_rate', 'stochdepth_rate', 'grouped_conv', 'remat'),
 ))

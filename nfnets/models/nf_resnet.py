@@ -95,7 +95,7 @@ class NFResNet(hk.Module):
   def __init__(self, num_classes: int, variant: str = 'ResNet50', width: float = 1.0, alpha: float = 0.2,
                stochdepth_rate: float = 0.1, drop_rate: float = 0.0, activation: str = 'relu',
                use_se: bool = False, se_ratio: float = 0.25, depths: Sequence[int] | None = None,
-               widths: Sequence[int] | None = None, name: str = 'NF_ResNet'):
+               widths: Sequence[int] | None = None, remat: bool = False, name: str = 'NF_ResNet'):
     super().__init__(name=name)
     entry = models.get_variant('nf_resnet', variant)
     self.depths = tuple(depths if depths is not None else entry['depths'])
@@ -103,6 +103,7 @@ class NFResNet(hk.Module):
     if len(self.depths) != len(STRIDES) or len(self.widths) != len(STRIDES):
       raise ConfigError(f'depths and widths need {len(STRIDES)} stages, got {self.depths} and {self.widths}')
     self.drop_rate = drop_rate
+    self.remat = remat
     self.activation = layers.get_activation(activation)
     channels = self.widths[0] // 4
     self.initial_conv = layers.WSConv2D(channels, 7, stride=2, name='initial_conv')
@@ -128,7 +129,7 @@ class NFResNet(hk.Module):
       raise ValueError(f'NFResNet expects NHWC RGB images, got shape {x.shape}.')
     x = self.initial_conv(x)
     x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics, self.remat)
     return layers.pooled_classifier(self.activation(x), self.linear, drop_rate=self.drop_rate,
                                     is_training=is_training, signal=signal, return_metrics=return_metrics)
 
@@ -146,6 +147,7 @@ def default_model_config(variant: str = 'ResNet50') -> ml_collections.ConfigDict
       activation='relu',
       use_se=False,
       se_ratio=0.25,
+      remat=False,                # recompute each block's activations in the backward pass
       depths=ml_collections.config_dict.placeholder(tuple),
       widths=ml_collections.config_dict.placeholder(tuple),
   ))
@@ -157,5 +159,5 @@ models.register(models.ModelFamily(
     variants=VARIANTS,
     default_model_config=default_model_config,
     classifier_module='NF_ResNet/~/linear',
-    training_only_keys=('drop_rate', 'stochdepth_rate'),
+    training_only_keys=('drop_rate', 'stochdepth_rate', 'remat'),
 ))

@@ -134,7 +134,7 @@ class NFNet(hk.Module):
                drop_rate: float = 0.0, activation: str = 'gelu',
                depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
                group_width: int = 128, grouped_conv: str = 'auto', stem_width: int | None = None,
-               name: str = 'NFNet'):
+               remat: bool = False, name: str = 'NFNet'):
     super().__init__(name=name)
     config = get_variant(variant)
     self.num_classes = num_classes
@@ -145,6 +145,7 @@ class NFNet(hk.Module):
       raise ConfigError(f'depths and widths need {len(STRIDES)} stages, got {self.depths} and '
                         f'{self.widths}')
     self.drop_rate = drop_rate
+    self.remat = remat
     self.activation = layers.get_activation(activation)
     conv = lambda ch, stride, name: layers.WSConv2D(ch, 3, stride=stride, name=name)
     stem_widths = (*STEM_WIDTHS, stem_width or self.widths[0] // 2)
@@ -175,7 +176,7 @@ class NFNet(hk.Module):
       x = stem_conv(x)
       if i < len(self.stem) - 1:
         x = self.activation(x)
-    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics, self.remat)
     x = self.activation(self.final_conv(x))
     return layers.pooled_classifier(x, self.linear, drop_rate=self.drop_rate, is_training=is_training,
                                     signal=signal, return_metrics=return_metrics)
@@ -245,6 +246,7 @@ def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
       activation='gelu',
       group_width=128,
       grouped_conv='auto',
+      remat=False,                # recompute each block's activations in the backward pass
       # Architecture overrides for small presets; None keeps the variant's table entry.
       depths=ml_collections.config_dict.placeholder(tuple),
       widths=ml_collections.config_dict.placeholder(tuple),
@@ -260,5 +262,5 @@ models.register(models.ModelFamily(
     default_model_config=default_model_config,
     classifier_module=CLASSIFIER_MODULE,
     config_from_reference=config_from_reference,
-    training_only_keys=('drop_rate', 'stochdepth_rate', 'grouped_conv'),
+    training_only_keys=('drop_rate', 'stochdepth_rate', 'grouped_conv', 'remat'),
 ))

@@ -134,7 +134,7 @@ class SEResNeXtD(hk.Module):
                stochdepth_rate: float = 0.25, drop_rate: float = 0.0, activation: str = 'gelu',
                depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
                group_width: int = 128, grouped_conv: str = 'auto', bn_decay: float = 0.9,
-               cross_replica_axis: Optional[str] = AXIS_NAME, name: str = 'SEResNeXtD'):
+               cross_replica_axis: Optional[str] = AXIS_NAME, remat: bool = False, name: str = 'SEResNeXtD'):
     super().__init__(name=name)
     entry = models.get_variant('se_resnext', variant)
     self.depths = tuple(depths if depths is not None else entry['depths'])
@@ -143,6 +143,7 @@ class SEResNeXtD(hk.Module):
       raise ConfigError(f'depths and widths need {len(nfnet.STRIDES)} stages, got {self.depths} and '
                         f'{self.widths}')
     self.drop_rate = drop_rate
+    self.remat = remat
     self.activation = layers.get_activation(activation, scaled=False)
     norm = lambda name: BatchNorm(bn_decay, cross_replica_axis, name=name)
     stem_widths = (*nfnet.STEM_WIDTHS, self.widths[0] // 2)
@@ -170,7 +171,7 @@ class SEResNeXtD(hk.Module):
     for conv, norm in zip(self.stem[:-1], self.stem_norms):
       x = self.activation(norm(conv(x), is_training))
     x = self.stem[-1](x)
-    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics)
+    x, signal = layers.run_blocks(self.blocks, x, is_training, return_metrics, self.remat)
     x = self.activation(self.final_norm(self.final_conv(x), is_training))
     return layers.pooled_classifier(x, self.linear, drop_rate=self.drop_rate, is_training=is_training,
                                     signal=signal, return_metrics=return_metrics)
@@ -191,6 +192,7 @@ def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
       grouped_conv='auto',
       bn_decay=0.9,
       cross_replica_axis=AXIS_NAME,   # '' normalises each device's batch by its own statistics
+      remat=False,                # recompute each block's activations in the backward pass
       depths=ml_collections.config_dict.placeholder(tuple),
       widths=ml_collections.config_dict.placeholder(tuple),
   ))
@@ -202,6 +204,7 @@ models.register(models.ModelFamily(
     variants=VARIANTS,
     default_model_config=default_model_config,
     classifier_module='SEResNeXtD/~/linear',
-    training_only_keys=('drop_rate', 'stochdepth_rate', 'grouped_conv', 'bn_decay', 'cross_replica_axis'),
+    training_only_keys=('drop_rate', 'stochdepth_rate', 'grouped_conv', 'bn_decay', 'cross_replica_axis',
+                        'remat'),
     float32_modules=(BatchNorm,),
 ))
