@@ -119,6 +119,9 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path) -> No
   if path.exists():
     previous = json.loads(path.read_text())
     current = json.loads(config.to_json())
+    for run_config in (previous, current):
+      for key in models.EXECUTION_ONLY_KEYS:
+        run_config.get('model', {}).pop(key, None)
     for key in _RESUME_KEYS:
       if _config_entry(previous, key) != _config_entry(current, key):
         raise ConfigError(f'{workdir} holds a run with a different `{key}`; use a new --workdir '

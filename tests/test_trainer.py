@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from nfnets import checkpoint
 from nfnets import errors
@@ -178,6 +179,22 @@ def test_a_workdir_of_another_run_is_refused(uninterrupted):
   config.model.widths = (32, 64, 96, 160)
   with pytest.raises(ValueError, match='different `model`'):
     trainer.train_and_evaluate(config, uninterrupted[0])
+
+
+def test_a_workdir_may_resume_with_remat_toggled_or_from_before_remat_existed(tmp_path):
+  # remat changes memory and time only: the same run may resume with it on, and a config.json written
+  # before the field existed still matches; any other model change is refused.
+  workdir = epath.Path(tmp_path)
+  stored = json.loads(tiny_config().to_json())
+  del stored['model']['remat']
+  (workdir / 'config.json').write_text(json.dumps(stored))
+  config = tiny_config()
+  for remat in (False, True):
+    config.model.remat = remat
+    trainer._check_workdir(config, workdir)
+  config.model.stochdepth_rate = 0.5
+  with pytest.raises(errors.ConfigError, match='different `model`'):
+    trainer._check_workdir(config, workdir)
 
 
 def _run_train(*args):

@@ -59,6 +59,10 @@ class ModelFamily:
   float32_modules: tuple[type[hk.Module], ...] = ()
 
 
+# `config.model` entries that change only memory and time, never the numbers a step computes: a run may
+# resume with another value (e.g. turn remat on after running out of memory), and older runs lack them.
+EXECUTION_ONLY_KEYS = ('remat',)
+
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
