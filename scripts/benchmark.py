@@ -5,7 +5,7 @@
   python -m scripts.benchmark train --config configs/nfnet.py:F0 --resolution 192 --batch 8 \
       --dtype float32 --steps 5 [--baseline native] [--config.model.grouped_conv=native]
   python -m scripts.benchmark eval --config configs/nfnet.py:F0 --resolution 256 --batch 8
-  python -m scripts.benchmark memory --config configs/nfnet.py:F3 --batch 32 [--remat]
+  python -m scripts.benchmark memory --config configs/nfnet.py:F3 --batch 32 [--remat] [--accumulation_steps 4]
 
 The config comes through the shared command-line layer (`--config path:arg`, `--config.data.x=value`
 overrides; default configs/nfnet.py:F0); `input` reads its `data` section.
@@ -19,7 +19,8 @@ two.
 
 `memory` compiles the train step at `--batch` examples per device without running it and reports the
 memory XLA assigns to it per device (arguments, outputs, temporaries, total; see `scripts/step_memory.py`).
-`--remat` (like `--config.model.remat=True`) rematerialises each residual block; `--nocompile` reports
+`--remat` (like `--config.model.remat=True`) rematerialises each residual block; `--accumulation_steps k`
+compiles the update of k micro-batches of `--batch` examples (the accumulated step); `--nocompile` reports
 only the state's size and the activations saved for the backward pass, which need no compile.
 
 `input` times the full training transform of `nfnets.data` (the reference's: per example two crops
@@ -316,6 +317,7 @@ def run_memory(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   from scripts import step_benchmark, step_memory  # Import JAX and the model: only the step commands need them.
   config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=args.resolution or
                                           config.data.train_resolution, dtype=args.dtype, remat=args.remat)
+  config.train.accumulation_steps = args.accumulation_steps
   return {'config': args.config_name, **step_memory.report(config, args.batch, compile_step=args.compile)}
 
 
@@ -339,6 +341,8 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'train/eval/memory: batch size on the 
 _DTYPE = flags.DEFINE_enum('dtype', None, STEP_DTYPES, "train/eval/memory: compute dtype; default: the config's.")
 _REMAT = flags.DEFINE_boolean('remat', None, "train/eval/memory: rematerialise each residual block (sets "
                               "config.model.remat); default: the config's.")
+_ACCUMULATION_STEPS = flags.DEFINE_integer('accumulation_steps', 1, 'memory: micro-batches of --batch examples '
+                                           'per update (sets config.train.accumulation_steps).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'train/eval: timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'train/eval: untimed steps after compiling.')
 _BASELINE = flags.DEFINE_enum('baseline', None, ('native', 'split'),
@@ -351,12 +355,13 @@ _MATMUL_SIZE = flags.DEFINE_integer('matmul_size', None, 'train/eval: side of th
 
 def _step_args(command: str) -> types.SimpleNamespace:
   if (_BATCH.value < 1 or _STEPS.value < 1 or _WARMUP.value < 0 or (_RESOLUTION.value or 8) < 8
-      or (_MATMUL_SIZE.value or 1) < 1):
-    raise ConfigError('need --batch >= 1, --steps >= 1, --warmup >= 0, --resolution >= 8 and --matmul_size >= 1')
+      or (_MATMUL_SIZE.value or 1) < 1 or _ACCUMULATION_STEPS.value < 1):
+    raise ConfigError('need --batch >= 1, --steps >= 1, --warmup >= 0, --resolution >= 8, --matmul_size >= 1 '
+                      'and --accumulation_steps >= 1')
   return types.SimpleNamespace(command=command, config_name=common.config_name(), resolution=_RESOLUTION.value,
                                batch=_BATCH.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                                baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value, remat=_REMAT.value,
-                               compile=_COMPILE.value)
+                               compile=_COMPILE.value, accumulation_steps=_ACCUMULATION_STEPS.value)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nfnets import accumulation
 from nfnets import train_state as train_state_lib
 from nfnets import train_step as train_step_lib
 from nfnets import trainer
@@ -45,20 +46,27 @@ GIB = 2**30
 
 
 def training_setup(config: ml_collections.ConfigDict) -> trainer.TrainingSetup:
-  """The loop's model, optimiser and per-device step for `config`, whose data need not be present."""
+  """The loop's model, optimiser and per-device step for `config` on one device, whose data need not be
+  present."""
   info = sources.dataset_info(config.data)
   num_train_examples = info.num_examples.get(config.data.train_split, 1000 * config.train.batch_size)
-  return trainer.setup_training(config, num_train_examples)
+  return trainer.setup_training(config, num_train_examples, num_devices=1)
 
 
-def train_batch_spec(config: ml_collections.ConfigDict, per_device_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+def one_device_config(config: ml_collections.ConfigDict, micro_batch: int) -> ml_collections.ConfigDict:
+  """`config` with the batch of one device's update: `micro_batch` examples per forward pass, times
+  `config.train.accumulation_steps` micro-batches (the step's memory does not depend on the device count)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.batch_size = micro_batch * config.train.get('accumulation_steps', 1)
+  return config
+
+
+def train_batch_spec(config: ml_collections.ConfigDict, micro_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes and dtypes of one device's training batch, as `pipeline.make_train_iterator` yields it
-  (uint8 images, float32 mixed one-hot labels), with the leading device axis of one device."""
-  resolution = config.data.train_resolution
-  return {
-      'images': jax.ShapeDtypeStruct((1, per_device_batch, resolution, resolution, 3), jnp.uint8),
-      'labels': jax.ShapeDtypeStruct((1, per_device_batch, config.model.num_classes), jnp.float32),
-  }
+  (uint8 images, float32 mixed one-hot labels; `micro_batch` × accumulation steps examples), with the
+  leading device axis of one device."""
+  spec = accumulation.per_device_batch_spec(one_device_config(config, micro_batch), num_devices=1)
+  return {key: jax.ShapeDtypeStruct((1, *value.shape), value.dtype) for key, value in spec.items()}
 
 
 def abstract_train_state(setup: trainer.TrainingSetup, config: ml_collections.ConfigDict) -> Any:
@@ -75,8 +83,9 @@ def compile_options() -> dict[str, Any]:
 
 
 def compile_train_step(config: ml_collections.ConfigDict, per_device_batch: int) -> jax.stages.Compiled:
-  """The loop's train step for `config`, compiled for one device at `per_device_batch`, from shapes alone."""
-  setup = training_setup(config)
+  """The loop's train step for `config`, compiled for one device at `per_device_batch` examples per forward
+  pass (the micro-batch under `config.train.accumulation_steps`), from shapes alone."""
+  setup = training_setup(one_device_config(config, per_device_batch))
   step = jax.pmap(setup.train_step, axis_name=train_step_lib.AXIS_NAME, devices=jax.local_devices()[:1],
                   donate_argnums=(0,))
   lowered = step.lower(abstract_train_state(setup, config), train_batch_spec(config, per_device_batch))
@@ -143,6 +152,7 @@ def report(config: ml_collections.ConfigDict, per_device_batch: int, compile_ste
       'model': f'{config.model.name} {config.model.get("variant", "")}'.strip(),
       'resolution': config.data.train_resolution,
       'per_device_batch': per_device_batch,
+      'accumulation_steps': config.train.get('accumulation_steps', 1),
       'dtype': config.precision.compute_dtype,
       'remat': bool(config.model.get('remat', False)),
       'grouped_conv': layers.resolve_grouped_conv(config.model.get('grouped_conv', 'auto')),

@@ -54,6 +54,17 @@ def test_compiled_step_figures_add_up_without_allocating_the_state():
                                     + figures['temporary_bytes'])
 
 
+def test_accumulated_step_takes_the_whole_update_and_keeps_one_micro_batch_of_activations():
+  config = _config(batch=8)
+  plain = step_memory.memory_figures(step_memory.compile_train_step(config, 8))
+  config.train.accumulation_steps = 4
+  spec = step_memory.train_batch_spec(config, 2)
+  assert spec['images'].shape == (1, 8, RESOLUTION, RESOLUTION, 3)  # 4 micro-batches of 2
+  accumulated = step_memory.memory_figures(step_memory.compile_train_step(config, 2))
+  assert accumulated['argument_bytes'] == plain['argument_bytes']  # the same state and batch come in
+  assert accumulated['temporary_bytes'] < plain['temporary_bytes']
+
+
 def test_remat_keeps_fewer_activations_per_example():
   plain = step_memory.saved_activations(_config(), 4)
   remat = step_memory.saved_activations(_config(remat=True), 4)
