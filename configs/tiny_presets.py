@@ -7,10 +7,6 @@ XLA version may round differently, hence the tolerance.
 """
 import dataclasses
 
-# Measured on a shared 2-core Intel Xeon machine (jax/jaxlib 0.10.2). The wall-clock times include
-# compiling; about eight other jobs shared the two cores (load average 9-30), so they are far above an idle
-# machine's.
-
 
 @dataclasses.dataclass(frozen=True)
 class Measured:
@@ -19,6 +15,9 @@ class Measured:
   seconds: int      # wall clock, start to end
 
 
+# Measured on a shared 2-core Intel Xeon machine (jax/jaxlib 0.10.2). The wall-clock times include
+# compiling; about eight other jobs shared the two cores (load average 9-30), so they are far above an idle
+# machine's.
 # Keys are the config files' names (`configs/<family>.py`).
 MEASURED = {
     'nfnet': Measured(top1=98.89, ema_top1=98.89, seconds=2490),
