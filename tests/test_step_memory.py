@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import nfnet as nfnet_configs
-from scripts import memory_table
+from scripts import memory_fit
 from scripts import step_benchmark
 from scripts import step_memory
 from tests.test_benchmark import REPO_ROOT
@@ -95,16 +95,16 @@ def test_memory_command_refuses_a_bad_batch_in_one_line():
 
 
 def test_fit_and_accumulation_steps():
-  intercept, slope = memory_table.fit_line([(16, 3 * 2**30 + 16 * 2**28), (64, 3 * 2**30 + 64 * 2**28)])
+  intercept, slope = memory_fit.fit_line([(16, 3 * 2**30 + 16 * 2**28), (64, 3 * 2**30 + 64 * 2**28)])
   assert (intercept, slope) == pytest.approx((3 * 2**30, 2**28))
-  assert memory_table.largest_batch(intercept, slope, 16 * 2**30) == 52
-  assert memory_table.largest_batch(intercept, slope, 2 * 2**30) == 0
-  assert memory_table.accumulation_steps(52, 1) == 128     # 4096 = 128 x 32, and 64 would not fit
-  assert memory_table.accumulation_steps(52, 64) == 2      # 64 per device = 2 x 32
-  assert memory_table.accumulation_steps(64, 64) == 1
-  assert memory_table.accumulation_steps(0, 8) is None
+  assert memory_fit.largest_batch(intercept, slope, 16 * 2**30) == 52
+  assert memory_fit.largest_batch(intercept, slope, 2 * 2**30) == 0
+  assert memory_fit.accumulation_steps(52, 1) == 128     # 4096 = 128 x 32, and 64 would not fit
+  assert memory_fit.accumulation_steps(52, 64) == 2      # 64 per device = 2 x 32
+  assert memory_fit.accumulation_steps(64, 64) == 1
+  assert memory_fit.accumulation_steps(0, 8) is None
   with pytest.raises(ValueError, match='two or more'):
-    memory_table.fit_line([(16, 1), (16, 2)])
+    memory_fit.fit_line([(16, 1), (16, 2)])
 
 
 def test_table_estimates_remat_from_the_activations_it_no_longer_keeps():
@@ -119,7 +119,7 @@ def test_table_estimates_remat_from_the_activations_it_no_longer_keeps():
       {'config': 'F0', 'remat': True, 'per_device_batch': 16, 'resolution': 192, 'state_bytes': gib,
        'saved_activation_bytes': gib, 'saved_activation_bytes_per_example': gib // 32},
   ]
-  rows = memory_table.table(records, ['F0'], [16.0], [1, 64]).splitlines()[2:]
+  rows = memory_fit.table(records, ['F0'], [16.0], [1, 64]).splitlines()[2:]
   assert rows[0].split(' | ')[-1] == '52 (128/2) |'   # (16 - 3) GiB / 0.25 GiB per example
   # 1/8 - 1/32 GiB fewer per example: 0.15625 GiB, so (16 - 3) / 0.15625 = 83.2 examples.
   assert rows[1].split(' | ')[-1] == '83 (64/1) |' and '(estimate)' in rows[1]
@@ -129,6 +129,6 @@ def test_table_without_a_compile_estimates_from_the_trace():
   gib = 2**30
   records = [{'config': 'F6', 'remat': False, 'per_device_batch': 16, 'resolution': 448, 'state_bytes': 4 * gib,
               'saved_activation_bytes': 16 * gib // 2 + gib, 'saved_activation_bytes_per_example': gib // 2}]
-  row = memory_table.table(records, ['F6'], [40.0], [8]).splitlines()[2]
+  row = memory_fit.table(records, ['F6'], [40.0], [8]).splitlines()[2]
   # (40 - 4 - 1) GiB / 0.5 GiB per example = 70 examples; 512 per device = 8 x 64.
   assert row.endswith('| 5.00 + 0.5000 (trace estimate) | 70 (8) |')
