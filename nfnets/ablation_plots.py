@@ -94,7 +94,8 @@ def plot_loss_curves(results: Sequence[dict[str, Any]], workdir: str | epath.Pat
       metrics = [m for m in ablation.read_metrics(epath.Path(workdir) / r['name']) if 'train/loss' in m]
       # A non-finite loss is not drawn; a diverged run's line simply ends.
       steps = [m['step'] for m in metrics]
-      losses = [m['train/loss'] if math.isfinite(m['train/loss']) else math.nan for m in metrics]
+      # metrics.jsonl writes a non-finite loss as null; older files may hold NaN.
+      losses = [math.nan if m['train/loss'] is None else m['train/loss'] for m in metrics]
       label = {'agc': f'AGC λ={r["clipping"]:g}', 'global_norm': f'global norm ≤ {r["clipping"]:g}'}.get(
           r['mode'], 'no clipping')
       line, = ax.plot(steps, losses, '-', label=label + (' (diverged)' if r['diverged'] else ''))

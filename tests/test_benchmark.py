@@ -87,8 +87,8 @@ def test_train_benchmark_times_the_loops_own_step(monkeypatch):
   built = {}
   setup_training, pmap_train_step = trainer.setup_training, trainer.pmap_train_step
 
-  def spy_setup(config, num_train_examples):
-    built.setdefault('setups', []).append(setup_training(config, num_train_examples))
+  def spy_setup(config, num_train_examples, **kwargs):
+    built.setdefault('setups', []).append(setup_training(config, num_train_examples, **kwargs))
     return built['setups'][-1]
 
   def spy_pmap(setup, devices=None):
