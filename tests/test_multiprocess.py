@@ -74,11 +74,6 @@ def _read_until(process, marker: str, timeout=600) -> str:
   raise AssertionError(f'{marker!r} never printed:\n{"".join(seen)[-3000:]}')
 
 
-def _two_process_cache_dir() -> str:
-  main_cache = jax.config.jax_compilation_cache_dir
-  return f'{main_cache.rstrip("/")}-two-processes' if main_cache else ''
-
-
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory):
   """1 process x 2 simulated devices, uninterrupted, on the local disk."""
@@ -93,9 +88,9 @@ def test_two_processes_on_gcs_survive_preemption_and_match_one_process(reference
   cwd.mkdir()
   with fake_gcs.fake_gcs(BUCKET) as gcs_env:
     env = dict(os.environ, **gcs_env, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT,
-               # A persistent cache of their own: JAX's cache key does not tell a program compiled for 2
-               # processes from the same program compiled for 1 process with 2 devices.
-               JAX_COMPILATION_CACHE_DIR=_two_process_cache_dir(),
+               # No persistent compilation cache: on jax 0.12.1 two CPU processes that load their train step
+               # from a warm cache hang in its first collective (a cold cache works; jax 0.10.2 works either way).
+               JAX_ENABLE_COMPILATION_CACHE='false',
                # One CPU device per process; no LLVM backend optimisation, as in the rest of the suite.
                XLA_FLAGS='--xla_backend_optimization_level=0')
     first = _launch(env, str(cwd))
