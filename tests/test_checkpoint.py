@@ -33,7 +33,7 @@ def model_config():
 @pytest.fixture(scope='module')
 def shapes(model_config):
   params, model_state = models.abstract_params(model_config)
-  assert model_state == {}  # NFNets keep no state: a hand-made one below stands for batch statistics' place
+  assert model_state == {}  # NFNets keep no state: the states below are empty too, as `read` expects
   return helpers.module_shapes(params)
 
 
@@ -74,8 +74,8 @@ def _meta(model_config):
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, shapes, model_config):
-  """A run's workdir with checkpoints at steps 4 and 6 (save_every 2, keep 2: step 2's was removed); the
-  data iterator was at position 3 at step 4 and 5 at step 6."""
+  """A run's workdir with checkpoints at steps 4 and 6 (save_every 2, keep 2: step 2's was removed, step 3 is
+  off the grid); the data iterator had handed out 3 elements by step 4 and 4 by step 6."""
   directory = tmp_path_factory.mktemp('run')
   saver = checkpoint.TrainingCheckpointer(directory / 'checkpoints', save_every=2, keep=2)
   data = _data_iterator()
