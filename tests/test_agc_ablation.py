@@ -14,8 +14,8 @@ from nfnets import ablation_plots
 from nfnets import errors
 from tests import fake_gcs
 from tests import tiny_setup
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny_setup's train step is AGC at lambda 0.04, batch 32, base lr 2.0: the first run shares its compiled
 # step with the trainer tests through the persistent cache. The second, unclipped at an absurd learning
 # rate, turns non-finite within a few steps.

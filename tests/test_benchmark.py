@@ -1,6 +1,5 @@
 """Tests for scripts.benchmark: the input sub-command in a tiny mode, the train and eval step timings."""
 import json
-import pathlib
 import subprocess
 import sys
 import types
@@ -10,8 +9,7 @@ import pytest
 
 from scripts import benchmark
 from tests import tiny_setup
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT
 
 
 def _run(*args):

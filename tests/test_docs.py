@@ -4,8 +4,7 @@ import os
 import re
 
 from configs import nfnet as nfnet_configs
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO_ROOT as _REPO
 
 
 def _read(path):

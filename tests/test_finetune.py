@@ -14,8 +14,8 @@ from nfnets import models
 from nfnets import trainer
 from nfnets.data import sources
 from tests import tiny_setup
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE_STEPS = 40
 
 

@@ -18,6 +18,7 @@ from scripts import tested_stack
 from scripts import tpu_launcher
 from scripts import tpu_pod
 from scripts import tpu_types
+from tests.helpers import REPO_ROOT
 
 ZONE = 'us-central2-b'
 WORKDIR = 'gs://bucket/f0'
@@ -631,7 +632,7 @@ def test_bad_input_is_one_line(args, message, capsys):
 def test_tested_stack_prints_each_pair_for_shell_scripts():
   for end, stack in (('newest', tested_stack.NEWEST), ('oldest', tested_stack.OLDEST)):
     result = subprocess.run([sys.executable, '-m', 'scripts.tested_stack', end], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+                            cwd=REPO_ROOT, check=True)
     assert result.stdout == f'{stack.python} {stack.jax}\n'
   assert tested_stack.min_python(tested_stack.NEWEST.jax) == '3.12'
   tested_stack.check_pair(tested_stack.OLDEST.python, tested_stack.OLDEST.jax)
@@ -640,10 +641,9 @@ def test_tested_stack_prints_each_pair_for_shell_scripts():
 
 def test_requirements_and_ci_cover_both_tested_ends():
   """The pins admit both tested pairs' JAX, and CI installs exactly those (it reads them from tested_stack)."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for stack in (tested_stack.OLDEST, tested_stack.NEWEST):
-    tpu_launcher.check_jax_pin(os.path.join(repo, 'requirements.txt'), stack.jax)
-  with open(os.path.join(repo, '.ci', 'run')) as f:
+    tpu_launcher.check_jax_pin(os.path.join(REPO_ROOT, 'requirements.txt'), stack.jax)
+  with open(os.path.join(REPO_ROOT, '.ci', 'run')) as f:
     ci = f.read()
   assert 'python3 -m scripts.tested_stack "$1"' in ci
   assert '"jax==$jax_version" "jaxlib==$jax_version"' in ci

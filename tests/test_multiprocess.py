@@ -21,21 +21,16 @@ from nfnets import trainer
 from nfnets.data import digits
 from tests import fake_gcs
 from tests import tiny_setup
+from tests.helpers import REPO_ROOT
+from tests.helpers import free_port
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = 'pod-bucket'
 WORKDIR = f'gs://{BUCKET}/tiny'
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _launch(env: dict[str, str], cwd: str) -> list[subprocess.Popen]:
   """2 processes told their peers by flags."""
-  port = _free_port()
+  port = free_port()
   return [subprocess.Popen(
       [sys.executable, '-m', 'experiments.train', *tiny_setup.command_line_overrides(), '--workdir', WORKDIR,
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
@@ -44,7 +39,7 @@ def _launch(env: dict[str, str], cwd: str) -> list[subprocess.Popen]:
 
 def _srun(env: dict[str, str], cwd: str, *args: str, stderr=subprocess.STDOUT) -> list[subprocess.Popen]:
   """The 2 tasks of a one-node SLURM step: the processes find their peers in the variables JAX reads."""
-  port = _free_port()
+  port = free_port()
   return [subprocess.Popen(
       [sys.executable, '-m', 'experiments.train', *args, '--config.distributed=True'], cwd=cwd,
       env=dict(env, SLURM_JOB_ID='4242', SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID=str(i),

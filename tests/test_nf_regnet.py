@@ -8,6 +8,7 @@ from configs import nf_regnet as nf_regnet_configs
 from nfnets import flops
 from nfnets import models
 from nfnets.models import nf_regnet
+from tests import helpers
 from tests import zoo_testing
 
 ALPHA = 0.2
@@ -75,7 +76,7 @@ def test_scaling_grows_width_depth_and_resolution_together():
 def test_module_names_and_shapes():
   params, state = models.abstract_params(models.model_config('nf_regnet', 'B0'))
   assert state == {}
-  shapes = zoo_testing.module_shapes(params)
+  shapes = helpers.module_shapes(params)
   assert shapes['NF_RegNet/~/initial_conv']['w'] == (3, 3, 3, 36)
   # Block 0 keeps its width (ratio 1): 36 channels -> 4 groups of 8 = 32.
   assert shapes['NF_RegNet/~/nf_block/~/conv1']['w'] == (3, 3, 8, 32)

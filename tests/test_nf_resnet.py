@@ -11,6 +11,7 @@ from configs import nf_resnet as nf_resnet_configs
 from nfnets import flops
 from nfnets import models
 from nfnets.models import nf_resnet
+from tests import helpers
 from tests import zoo_testing
 
 ALPHA = 0.2
@@ -63,7 +64,7 @@ def test_width_multiplier_squeeze_excite_and_class_count():
 def test_module_names_and_shapes():
   params, state = models.abstract_params(models.model_config('nf_resnet', 'ResNet50'))
   assert state == {}
-  shapes = {m: {n: a.shape for n, a in p.items()} for m, p in params.items()}
+  shapes = helpers.module_shapes(params)
   assert shapes['NF_ResNet/~/initial_conv']['w'] == (7, 7, 3, 64)
   block = lambda i: 'NF_ResNet/~/nf_res_block' + (f'_{i}' if i else '')
   stage_starts = [i for i in range(16) if f'{block(i)}/~/conv_shortcut' in shapes]

@@ -11,20 +11,17 @@ import pytest
 from configs import nfnet as nfnet_configs
 from nfnets import models
 from nfnets.models import nfnet
+from tests import helpers
 from tests import reference_forward
 
 SMALL = dict(widths=(32, 64, 96, 96), depths=(1, 2, 2, 1), group_width=16)
 ALPHA = 0.2
 
 
-def _shapes(params):
-  return {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in params.items()}
-
-
 def _abstract_params(variant='F0', num_classes=1000, resolution=32, **kwargs):
   model = hk.transform(lambda x: nfnet.NFNet(num_classes, variant, **kwargs)(x, False))
   image = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  return _shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), image))
+  return helpers.module_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), image))
 
 
 @pytest.fixture(scope='module')

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets import models
 from nfnets.models import nfnet
 from nfnets import pretrained
+from tests import helpers
 from tests import reference_forward
 from tests import reference_pickle
 
@@ -237,15 +237,10 @@ def test_truncated_missing_and_non_tree_files_are_reported_with_their_path(tmp_p
   assert "unknown module 'other'" in _load_error(not_nfnet)
 
 
-def expected_shapes(variant):
-  params, _ = models.abstract_params(models.model_config('nfnet', variant))
-  return {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in params.items()}
-
-
 def _zeros_tree(variant):
   # np.zeros is lazily allocated, so full-size trees cost almost nothing here.
   return {m: {n: np.zeros(s, np.float32) for n, s in p.items()}
-          for m, p in expected_shapes(variant).items()}
+          for m, p in helpers.nfnet_shapes(variant).items()}
 
 
 @pytest.mark.parametrize('variant', ['F0', 'F1', 'F2+'])
@@ -284,11 +279,7 @@ PUBLISHED_F0_SIZE = 285_976_842
 
 
 def test_f0_checkpoint_in_the_reference_layout_loads_and_matches_reference_forward(tmp_path):
-  shapes = expected_shapes('F0')
-  params = reference_forward.random_params(shapes, seed=3)
-  path = tmp_path / 'F0_haiku.npz'
-  with reference_pickle.stand_in_modules() as stand_ins, open(path, 'wb') as f:
-    reference_pickle.dump(stand_ins, params, f)
+  path = helpers.write_reference_checkpoint(tmp_path / 'F0_haiku.npz', helpers.reference_params('F0', seed=3))
   # The layout reproduces the real file's size (measured: 2 bytes short); the size does not
   # depend on the values. Plain dicts instead of FlatMappings would be 1,375 bytes shorter.
   assert abs(path.stat().st_size - PUBLISHED_F0_SIZE) <= 2

@@ -11,7 +11,7 @@ import pytest
 from nfnets import models
 from nfnets import train_step as train_step_lib
 from nfnets.models import layers
-from tests.test_benchmark import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 FAMILIES = models.family_names()
 RESOLUTION = 32

@@ -1,8 +1,6 @@
 """scripts/reproduce_table.py end to end on a fake ImageNet and fake checkpoints, and its row matching."""
 import csv
 import json
-import os
-import pickle
 import subprocess
 import sys
 
@@ -16,11 +14,11 @@ from nfnets import models
 from scripts import convert_checkpoint
 from scripts import prepare_imagenet
 from scripts import reproduce_table
-from tests import reference_forward
+from tests import helpers
 from tests import test_prepare_imagenet as fake_imagenet
 from tests import tiny_setup
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIFIER = 'NFNet/~/linear'
 
 
@@ -48,16 +46,14 @@ def checkpoints(imagenet_dir, tmp_path_factory):
   validation image's class first, so that the expected accuracies follow from the labels alone.
   """
   _, labels = imagenet_dir
-  abstract, _ = models.abstract_params(models.model_config('nfnet', 'F0'))
-  shapes = {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in abstract.items()}
-  params = reference_forward.random_params(shapes, seed=3)
+  params = helpers.reference_params('F0', seed=3)
   ranked = list(dict.fromkeys(labels.tolist()))[:4]
   ranked += [c for c in range(1000) if c not in labels][:5 - len(ranked)]
   bias = np.zeros(1000, np.float32)
   bias[ranked] = np.arange(5, 0, -1)
   params[CLASSIFIER] = {'w': np.zeros_like(params[CLASSIFIER]['w']), 'b': bias}
   folder = tmp_path_factory.mktemp('checkpoints')
-  (folder / 'F0_haiku.npz').write_bytes(pickle.dumps(params, protocol=4))
+  helpers.write_reference_checkpoint(folder / 'F0_haiku.npz', params)
   convert_checkpoint.convert(str(folder / 'F0_haiku.npz'), str(folder / 'F0_converted'))
   tiny = tiny_setup.tiny_config()
   tiny_params, tiny_state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(tiny.model))

@@ -1,7 +1,6 @@
 """Checkpoint conversion and classification from the command line, on a fake reference F0 checkpoint."""
 import io
 import os
-import pickle
 import subprocess
 import sys
 
@@ -12,12 +11,10 @@ from sklearn.datasets import load_sample_image
 
 from configs import nfnet as nfnet_configs
 from nfnets import checkpoint
-from nfnets import models
 from scripts import classify
 from scripts import convert_checkpoint
-from tests import reference_forward
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+from tests.helpers import REPO_ROOT
 
 
 def _run(module, *args):
@@ -27,11 +24,8 @@ def _run(module, *args):
 
 @pytest.fixture(scope='module')
 def reference_file(tmp_path_factory):
-  abstract, _ = models.abstract_params(models.model_config('nfnet', 'F0'))
-  shapes = {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in abstract.items()}
-  params = reference_forward.random_params(shapes, seed=5)
-  path = tmp_path_factory.mktemp('reference') / 'F0_haiku.npz'
-  path.write_bytes(pickle.dumps(params, protocol=4))
+  params = helpers.reference_params('F0', seed=5)
+  path = helpers.write_reference_checkpoint(tmp_path_factory.mktemp('reference') / 'F0_haiku.npz', params)
   return str(path), params
 
 

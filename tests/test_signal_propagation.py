@@ -1,6 +1,5 @@
 """Signal propagation at initialisation: the library (nfnets/signal_propagation.py) and the command."""
 import csv
-import os
 import subprocess
 import sys
 
@@ -15,8 +14,8 @@ from configs import se_resnext as se_resnext_configs
 from nfnets import models
 from nfnets import signal_propagation
 from nfnets.errors import UserError
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTHS = (1, 3, 1, 1)   # blocks 1-3 share a stage: 2 and 3 are not transitions
 WITHIN_STAGE = (2, 3)
 

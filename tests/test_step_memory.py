@@ -11,7 +11,7 @@ from configs import nfnet as nfnet_configs
 from scripts import memory_fit
 from scripts import step_benchmark
 from scripts import step_memory
-from tests.test_benchmark import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 RESOLUTION = 32
 

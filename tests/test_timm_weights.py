@@ -19,8 +19,8 @@ from nfnets.errors import CheckpointError
 from nfnets.models import layers
 from scripts import convert_checkpoint
 from scripts import reproduce_table
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, 'tests', 'fixtures', 'timm_nfnet')
 SMALL = os.path.join(FIXTURES, 'small_nfnet.safetensors')
 

@@ -15,8 +15,8 @@ import pytest
 from configs import tiny_presets
 from nfnets import models
 from scripts import tested_stack
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = sorted(tiny_presets.MEASURED)
 # How the zoo paragraph of docs/models.md names each family next to its figure.
 ZOO_NAMES = {'nf_resnet': 'NF-ResNet', 'nf_regnet': 'NF-RegNet', 'se_resnext': 'SE-ResNeXt-D'}

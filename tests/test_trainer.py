@@ -16,9 +16,8 @@ from nfnets import evaluate
 from nfnets import trainer
 from nfnets.data import pipeline
 from tests import tiny_setup
+from tests.helpers import REPO_ROOT
 from tests.tiny_setup import tiny_config
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rows(workdir):

@@ -7,7 +7,9 @@ import os
 
 import numpy as np
 
-PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tf_reference.npz')
+from tests.helpers import REPO_ROOT
+
+PATH = os.path.join(REPO_ROOT, 'tests', 'fixtures', 'tf_reference.npz')
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from configs import nfnet as nfnet_configs
+from tests import helpers
 
 NUM_STEPS = 30
 BATCH_SIZE = 32          # 16 per simulated device
@@ -35,7 +36,7 @@ def tiny_config(num_steps: int = NUM_STEPS) -> ml_collections.ConfigDict:
 
 def command_line_overrides(num_steps: int = NUM_STEPS) -> list[str]:
   """`tiny_config(num_steps)` as `experiments.train` flags, for tests that run the command itself."""
-  config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'nfnet.py')
+  config_file = os.path.join(helpers.REPO_ROOT, 'configs', 'nfnet.py')
   return ['--config', f'{config_file}:tiny',
           '--config.model.drop_rate=0.0', '--config.model.stochdepth_rate=0.0',
           f'--config.train.num_steps={num_steps}', f'--config.train.batch_size={BATCH_SIZE}',

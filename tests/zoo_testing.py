@@ -1,5 +1,4 @@
 """Checks the model-family tests share: signal propagation at init, a short run's config, one pmapped step."""
-import haiku as hk
 import jax
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from nfnets import models
 from nfnets import train_state
 from nfnets import train_step as train_step_lib
 from nfnets import trainer
+from tests import helpers
 from tests import reference_forward
 from tests import tiny_setup
 
@@ -19,7 +19,7 @@ def check_signal_propagation(model_config, alpha: float, num_images: int = 32):
   forward = models.make_forward(model_config, return_metrics=True)
   images = np.random.default_rng(0).normal(size=(num_images, 32, 32, 3)).astype(np.float32)
   params, _ = jax.eval_shape(lambda x: forward.init(jax.random.PRNGKey(0), x, is_training=False), images)
-  shapes = {m: {n: a.shape for n, a in p.items()} for m, p in params.items()}
+  shapes = helpers.module_shapes(params)
   # Kernels random (weight standardisation makes their scale irrelevant); gains, biases as initialised.
   params = {m: {n: (np.ones_like(a) if n in ('gain', 'skip_gain') else np.zeros_like(a) if n in ('bias', 'b')
                     else a) for n, a in p.items()}
@@ -84,7 +84,3 @@ class PmappedStep:
         np.testing.assert_array_equal(leaf[0], leaf[1])
       history.append((distributed.unreplicate(replicated), {k: float(v[0]) for k, v in metrics.items()}))
     return history
-
-
-def module_shapes(params: hk.Params) -> dict:
-  return {m: {n: tuple(a.shape) for n, a in p.items()} for m, p in params.items()}
