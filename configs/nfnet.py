@@ -7,7 +7,7 @@
   python -m experiments.train --config configs/nfnet.py:F0 --workdir gs://bucket/f0 \
       --config.data.data_dir=gs://bucket/tensorflow_datasets --config.distributed=True
 
-Any value can be overridden, e.g. `--config.optimizer.clipping=0.02 --config.train.batch_size=1024`.
+Any value can be overridden, e.g. `--config.optimizer.agc_lambda=0.02 --config.train.batch_size=1024`.
 Arguments: `F0` ... `F7`, `F0+` ... `F7+`, `F5-sam`, `F6` (trained with SAM, as published), `tiny`.
 The architecture (depths, widths) is the model's (`nfnets.models.nfnet.VARIANTS`); the recipe numbers per
 variant are here.
@@ -69,7 +69,7 @@ def tiny_config() -> ml_collections.ConfigDict:
   config.model.drop_rate = 0.1
   config.model.stochdepth_rate = 0.1
   config.optimizer.base_learning_rate = 0.4
-  config.optimizer.clipping = 0.04   # small batches tolerate a larger AGC lambda (paper, Fig. 3)
+  config.optimizer.agc_lambda = 0.04   # small batches tolerate a larger AGC lambda (paper, Fig. 3)
   return config
 
 

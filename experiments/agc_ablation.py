@@ -16,15 +16,15 @@ from absl import app
 from absl import flags
 import jax
 
-from experiments import common
-from nfnets import ablation
+from nfnets import cli
+from nfnets.studies import ablation
 from nfnets.errors import ConfigError
 
 # Without --config: the tiny preset, shortened to show within minutes on a CPU what the paper shows.
 # A --config.x=value on the command line still wins over these.
 DEFAULT_SETTINGS = {'train.epochs': 6.0, 'optimizer.warmup_epochs': 0.0, 'train.log_every_steps': 5}
 
-_CONFIG = common.define_config_flag(
+_CONFIG = cli.define_config_flag(
     'Base config, as path:arg; without it tiny with '
     f'{", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items())}.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/agc_ablation', 'One sub-workdir per run, the tables and plots.')
@@ -45,7 +45,7 @@ def _numbers(flag: flags.FlagHolder, kind: type) -> list:
 
 def _default_settings() -> dict:
   """DEFAULT_SETTINGS without --config, less any field the command line overrides itself."""
-  if common.config_given():
+  if cli.config_given():
     return {}
   overridden = {arg[len('--config.'):].partition('=')[0] for arg in sys.argv[1:] if arg.startswith('--config.')}
   return {k: v for k, v in DEFAULT_SETTINGS.items() if k not in overridden}
@@ -64,11 +64,11 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir', f'{_WORKDIR.value}/xla_cache')
   results = ablation.run_sweep(config, grid, _WORKDIR.value)
   if len(results) == len(grid):
-    from nfnets import ablation_plots  # pylint: disable=g-import-not-at-top  (matplotlib: only when plotting)
+    from nfnets.studies import ablation_plots  # pylint: disable=g-import-not-at-top  (matplotlib: only when plotting)
     for path in ablation_plots.write_plots(results, _WORKDIR.value):
       print(f'wrote {path}')
     print(f'\n{ablation.markdown_table(results)}')
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

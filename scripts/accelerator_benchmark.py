@@ -18,13 +18,13 @@ from typing import Any
 from absl import flags
 from etils import epath
 
-from experiments import common
+from nfnets import cli
 from nfnets import files
 from nfnets.errors import UserError
 from scripts import step_benchmark
 
-_CONFIG = common.define_config_flag('The config whose train step is timed.',
-                                   default=f'{common.REPO_ROOT}/configs/nfnet.py:F0')
+_CONFIG = cli.define_config_flag('The config whose train step is timed.',
+                                   default=f'{cli.REPO_ROOT}/configs/nfnet.py:F0')
 _BATCHES = flags.DEFINE_list('batches', ['32', '64', '128', '256', '512', '1024'],
                              'Batch sizes to try, in increasing order.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Compute dtype.')
@@ -37,7 +37,7 @@ _TIMEOUT = flags.DEFINE_integer('timeout_s', 900, 'Seconds one batch size may ta
 
 def run_command(batch: int) -> list[str]:
   """The `scripts.benchmark train` command line for one batch size, with this command's config and overrides."""
-  command = [sys.executable, '-m', 'scripts.benchmark', 'train', f'--config={common.config_spec()}',
+  command = [sys.executable, '-m', 'scripts.benchmark', 'train', f'--config={cli.config_spec()}',
              f'--batch={batch}', f'--dtype={_DTYPE.value}', f'--steps={_STEPS.value}', f'--warmup={_WARMUP.value}']
   if _RESOLUTION.value:
     command.append(f'--resolution={_RESOLUTION.value}')
@@ -62,7 +62,7 @@ def main(argv):
 
   def run_one(batch: int) -> subprocess.CompletedProcess:
     try:
-      return subprocess.run(run_command(batch), cwd=common.REPO_ROOT, capture_output=True, text=True,
+      return subprocess.run(run_command(batch), cwd=cli.REPO_ROOT, capture_output=True, text=True,
                             timeout=_TIMEOUT.value)
     except subprocess.TimeoutExpired:
       raise UserError(f'batch {batch} ran past --timeout_s={_TIMEOUT.value}') from None
@@ -71,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

@@ -58,7 +58,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from experiments import common
+from nfnets import cli
 from nfnets.errors import ConfigError
 
 from nfnets.data import mix
@@ -269,7 +269,7 @@ def run_input(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   widths, heights = zip(*sizes)
   return {
       'benchmark': 'input',
-      'config': common.config_name(),
+      'config': cli.config_name(),
       **settings,
       'num_images': args.num_images,
       'image_size_mean_hw': [round(float(np.mean(heights))), round(float(np.mean(widths)))],
@@ -296,7 +296,7 @@ def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any
       seed=args.seed, num_classes=NUM_CLASSES, eval_pipeline=args.eval_pipeline,
       min_train_examples=2 * args.batch_size * crops_per_example(settings))
   return {'benchmark': 'eval_pipeline' if args.eval_pipeline else 'input_pipeline',
-          'config': common.config_name(), **settings,
+          'config': cli.config_name(), **settings,
           'crops_per_example': crops_per_example(settings), **report}
 
 
@@ -325,8 +325,8 @@ SUBCOMMANDS = {'input': run_input, 'train': run_step, 'eval': run_step, 'memory'
 STEP_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-_CONFIG = common.define_config_flag('Config to benchmark (input: its data section).',
-                                   default=os.path.join(common.REPO_ROOT, 'configs', 'nfnet.py') + ':F0')
+_CONFIG = cli.define_config_flag('Config to benchmark (input: its data section).',
+                                   default=os.path.join(cli.REPO_ROOT, 'configs', 'nfnet.py') + ':F0')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'How many JPEGs to generate (cycled through while timing).')
 _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timing budget per transform on one core (at least one batch).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Examples per timed batch.')
@@ -358,7 +358,7 @@ def _step_args(command: str) -> types.SimpleNamespace:
       or (_MATMUL_SIZE.value or 1) < 1 or _ACCUMULATION_STEPS.value < 1):
     raise ConfigError('need --batch >= 1, --steps >= 1, --warmup >= 0, --resolution >= 8, --matmul_size >= 1 '
                       'and --accumulation_steps >= 1')
-  return types.SimpleNamespace(command=command, config_name=common.config_name(), resolution=_RESOLUTION.value,
+  return types.SimpleNamespace(command=command, config_name=cli.config_name(), resolution=_RESOLUTION.value,
                                batch=_BATCH.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                                baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value, remat=_REMAT.value,
                                compile=_COMPILE.value, accumulation_steps=_ACCUMULATION_STEPS.value)
@@ -386,4 +386,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

@@ -25,7 +25,7 @@ from typing import Sequence
 from absl import flags
 from etils import epath
 
-from experiments import common
+from nfnets import cli
 from nfnets import files
 from scripts.memory_fit import matches, measure_command, table
 from nfnets.errors import ConfigError
@@ -72,7 +72,7 @@ def main(argv):
       continue
     what = f'{variant} remat={remat} batch {batch}'
     try:
-      result = subprocess.run(measure_command(variant, batch, remat, compile_step), cwd=common.REPO_ROOT,
+      result = subprocess.run(measure_command(variant, batch, remat, compile_step), cwd=cli.REPO_ROOT,
                               capture_output=True, text=True, timeout=_TIMEOUT.value)
     except subprocess.TimeoutExpired:
       raise UserError(f'{what} ran past --timeout_s={_TIMEOUT.value}') from None
@@ -89,4 +89,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

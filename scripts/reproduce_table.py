@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 import configs
 from configs import nfnet as nfnet_configs
-from experiments import common
+from nfnets import cli
 from nfnets import checkpoint
 from nfnets import evaluate
 from nfnets import flops
@@ -40,7 +40,7 @@ from nfnets.data import sources
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
 
-common.define_config_flag('Not a file here: each row uses configs/nfnet.py:ROW; give only --config.x '
+cli.define_config_flag('Not a file here: each row uses configs/nfnet.py:ROW; give only --config.x '
                              'overrides, applied to every row.')
 _CHECKPOINTS = flags.DEFINE_string('checkpoints', None, 'A folder of checkpoints to evaluate: reference '
                                    'F*_haiku.npz files, timm dm_nfnet .safetensors files and/or project '
@@ -229,7 +229,7 @@ def reproduce(rows: Sequence[str], checkpoints: Optional[str], overrides: dict[s
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if common.config_given():
+  if cli.config_given():
     raise ConfigError('--config: each row is evaluated with its own recipe (configs/nfnet.py:ROW); give only '
                       '--config.x=value overrides, which apply to every row')
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
@@ -247,4 +247,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

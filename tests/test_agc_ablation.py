@@ -9,8 +9,8 @@ import sys
 from etils import epath
 import pytest
 
-from nfnets import ablation
-from nfnets import ablation_plots
+from nfnets.studies import ablation
+from nfnets.studies import ablation_plots
 from nfnets import errors
 from tests import fake_gcs
 from tests import tiny_setup

@@ -1,4 +1,4 @@
-"""Signal propagation at initialisation: the library (nfnets/signal_propagation.py) and the command."""
+"""Signal propagation at initialisation: the library (nfnets/studies/signal_propagation.py) and the command."""
 import csv
 import os
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 from configs import nfnet as nfnet_configs
 from configs import se_resnext as se_resnext_configs
 from nfnets import models
-from nfnets import signal_propagation
+from nfnets.studies import signal_propagation
 from nfnets.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,6 +20,7 @@ from etils import epath
 import jax
 import ml_collections
 
+import configs
 from nfnets import files
 from nfnets import trainer
 from nfnets.errors import ConfigError
@@ -79,8 +80,10 @@ def run_config(base: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections
   """`base` with the run's clipping, batch size and base learning rate."""
   config = copy.deepcopy(base)
   config.optimizer.clip_mode = spec.mode
-  if spec.mode != 'none':
-    config.optimizer.clipping = spec.clipping
+  if spec.mode == 'agc':
+    config.optimizer.agc_lambda = spec.clipping
+  elif spec.mode == 'global_norm':
+    config.optimizer.global_norm_threshold = spec.clipping
   config.train.batch_size = spec.batch_size
   config.optimizer.base_learning_rate = spec.learning_rate
   return config
@@ -153,7 +156,7 @@ def finished_result(config: ml_collections.ConfigDict, run_dir: str | epath.Path
   if not path.exists():
     return None
   result = json.loads(path.read_text())
-  if result['config'] != json.loads(config.to_json()):
+  if configs.upgrade(result['config']) != json.loads(config.to_json()):
     raise ConfigError(f'{run_dir} holds a finished run with a different config; use a new --workdir '
                       '(or the same config and overrides as before)')
   return result
