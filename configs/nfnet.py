@@ -12,9 +12,12 @@ Arguments: `F0` ... `F7`, `F0+` ... `F7+`, `F5-sam`, `F6` (trained with SAM, as 
 The architecture (depths, widths) is the model's (`nfnets.models.nfnet.VARIANTS`); the recipe numbers per
 variant are here.
 """
+from typing import Any, Optional
+
 import ml_collections
 
 from configs import common
+from nfnets import models
 
 # The paper's per-variant recipe: train / test resolution, RandAugment magnitude, head dropout.
 RECIPES = {
@@ -47,6 +50,25 @@ PUBLISHED = {
 }
 # Published rows trained with sharpness-aware minimisation: F6 was only published with SAM; F5 both ways.
 _SAM_BY_DEFAULT = ('F6',)
+
+
+def published_row(model_config: dict[str, Any], run_config: Optional[dict[str, Any]]) -> tuple[Optional[str], str]:
+  """The published row a checkpoint's model belongs to (None if none), and why not.
+
+  The model must be the variant's published architecture (training-only entries such as dropout may differ);
+  a project checkpoint whose run used SAM belongs to the '-sam' row (the published F6 is the SAM one).
+  """
+  name, variant = model_config.get('name'), model_config.get('variant')
+  if name != 'nfnet' or variant not in models.get_family('nfnet').variants:
+    return None, f'{name} {variant} is not a published model'
+  problem = models.contradiction(dict(model_config), models.model_config('nfnet', variant).to_dict())
+  if problem:  # e.g. a narrower preset, another class count or activation
+    return None, f'not the published {variant} ({problem})'
+  sam = bool(run_config and run_config.get('optimizer', {}).get('sam_rho', 0) > 0)
+  row = f'{variant}-sam' if sam and variant != 'F6' else variant
+  if row not in PUBLISHED:
+    return None, f'no published row {row}'
+  return row, ''
 
 
 def variant_config(variant: str, sam: bool = False) -> ml_collections.ConfigDict:

@@ -17,8 +17,8 @@ from absl import flags
 import jax
 
 from nfnets import cli
-from nfnets.studies import ablation
 from nfnets.errors import ConfigError
+from nfnets.studies import ablation
 
 # Without --config: the tiny preset, shortened to show within minutes on a CPU what the paper shows.
 # A --config.x=value on the command line still wins over these.
@@ -29,11 +29,12 @@ _CONFIG = cli.define_config_flag(
     f'{", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items())}.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/agc_ablation', 'One sub-workdir per run, the tables and plots.')
 _MODES = flags.DEFINE_list('modes', list(ablation.MODES), f'Clipping modes, of {", ".join(ablation.MODES)}.')
-_LAMBDAS = flags.DEFINE_list('lambdas', ['0.01', '0.04', '0.16'], 'AGC lambdas (clipping thresholds).')
+_LAMBDAS = flags.DEFINE_list('lambdas', ['0.01', '0.04', '0.16'], 'AGC lambdas (optimizer.agc_lambda).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['64'], 'Global batch sizes.')
 _LEARNING_RATES = flags.DEFINE_list('learning_rates', ['1.6'], 'Base learning rates, scaled by '
                                     'batch_size / optimizer.reference_batch_size.')
-_GLOBAL_NORM_THRESHOLD = flags.DEFINE_float('global_norm_threshold', 1.0, 'Threshold of the global_norm runs.')
+_GLOBAL_NORM_THRESHOLD = flags.DEFINE_float('global_norm_threshold', 1.0,
+                                            'optimizer.global_norm_threshold of the global_norm runs.')
 
 
 def _numbers(flag: flags.FlagHolder, kind: type) -> list:

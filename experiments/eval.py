@@ -14,8 +14,9 @@ import json
 from absl import app
 from absl import flags
 
-from nfnets import cli
+import configs
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import distributed
 from nfnets import evaluate
 

@@ -1,7 +1,7 @@
 """Trains a model; with no arguments, the `tiny` NFNet on the bundled digits dataset (a few CPU minutes).
 
   python -m experiments.train
-  python -m experiments.train --config configs/nfnet.py:F0 --workdir gs://bucket/f0 --config.optimizer.clipping=0.02
+  python -m experiments.train --config configs/nfnet.py:F0 --workdir gs://bucket/f0 --config.optimizer.agc_lambda=0.02
   # the F0 recipe (batch 4096) on 8 GPUs without bfloat16: micro-batches of 64, float16 with loss scaling
   python -m experiments.train --config configs/nfnet.py:F0 --config.train.accumulation_steps=8 \
       --config.precision.compute_dtype=float16

@@ -4,7 +4,11 @@
     a bad flag, config file or override ends with one line and exit status 2;
   * `run(main)`: runs an absl main so that a `UserError` becomes one line (`error: ...`) and exit status 1,
     while every other exception keeps its traceback;
-  * the multi-host flags and `jax.distributed` start-up.
+  * the multi-host flags and `jax.distributed` start-up;
+  * `--out`, where a command writes its results.
+
+Which config a checkpoint is used with is the configs' rule (`configs.for_checkpoint`); commands whose default
+config is the checkpoint's own call `require_config_for_overrides` first.
 """
 import functools
 import os
@@ -37,6 +41,17 @@ def define_config_flag(help_text: str = 'Experiment config, as path:arg.',
   if 'config' in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS['config'])
   return config_flags.DEFINE_config_file('config', None, f'{help_text} Default: {default}', lock_config=True)
+
+
+def define_out_flag(help_text: str) -> flags.FlagHolder:
+  """`--out` (no default): where the command writes its results; `help_text` says what it writes there.
+
+  Idempotent, as `define_config_flag` is: several commands write to an --out of their own, and their modules can
+  be imported into one process (as the tests do); a process runs one command, whose help is the one shown.
+  """
+  if 'out' in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS['out'])
+  return flags.DEFINE_string('out', None, help_text)
 
 
 def define_distributed_flags() -> None:

@@ -17,8 +17,9 @@ from etils import epath
 import ml_collections
 import numpy as np
 
-from nfnets import cli
+import configs
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import models
 import nfnets.data
 from nfnets.errors import UserError

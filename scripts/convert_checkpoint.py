@@ -18,8 +18,9 @@ import json
 
 from absl import flags
 
-from nfnets import cli
+import configs
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import timm_weights
 from nfnets.errors import UserError
 

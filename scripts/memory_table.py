@@ -27,16 +27,16 @@ from etils import epath
 
 from nfnets import cli
 from nfnets import files
-from scripts.memory_fit import matches, measure_command, table
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from scripts.memory_fit import matches, measure_command, table
 
 _VARIANTS = flags.DEFINE_list('variants', ['F0', 'F3', 'F6'], 'NFNet variants (configs/nfnet.py arguments).')
 _BATCHES = flags.DEFINE_list('batches', ['16', '64'], 'Per-device micro-batches to compile (at least two).')
 _SKIP_COMPILE = flags.DEFINE_list('skip_compile', [], 'Variants whose step is not compiled (activations only).')
 _CAPACITIES = flags.DEFINE_list('capacities_gib', ['16', '40', '80'], 'Device memory sizes, GiB.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '4', '8', '64'], 'Device counts for the accumulation steps.')
-_OUT = flags.DEFINE_string('out', None, 'JSON lines of the measurements, reused and rewritten (required).')
+_OUT = cli.define_out_flag('JSON lines of the measurements, reused and rewritten (required).')
 _TIMEOUT = flags.DEFINE_integer('timeout_s', 7200, 'Seconds one measurement may take.')
 
 def _integers(name: str, values: Sequence[str], minimum: int) -> list[int]:

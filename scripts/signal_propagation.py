@@ -30,15 +30,15 @@ from ml_collections import config_flags
 
 from configs import nfnet as nfnet_configs
 from nfnets import cli
-from nfnets.studies import signal_propagation
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from nfnets.studies import signal_propagation
 
 _CONFIG = cli.define_config_flag('The model (and, with --images=config, the data) to measure.')
 _COMPARE = config_flags.DEFINE_config_file('compare', None, 'A second config drawn beside the first, as path:arg; '
                                            '--compare.x=value overrides its fields.', lock_config=True)
 _VARIANT = flags.DEFINE_string('variant', None, 'Without --config: the NFNet variant to measure (default F0).')
-_OUT = flags.DEFINE_string('out', None, 'The PNG to write; the CSV goes beside it (same name, .csv).')
+_OUT = cli.define_out_flag('The PNG to write; the CSV goes beside it (same name, .csv).')
 _IMAGES = flags.DEFINE_enum('images', 'digits', ['digits', 'config', 'gaussian'], 'digits: the bundled digits\' '
                             'test split; config: the config\'s data.eval_split; gaussian: unit Gaussian noise.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'Images in the batch the statistics are taken over.')

@@ -13,8 +13,8 @@ import pytest
 from configs import nfnet as nfnet_configs
 from configs import se_resnext as se_resnext_configs
 from nfnets import models
-from nfnets.studies import signal_propagation
 from nfnets.errors import UserError
+from nfnets.studies import signal_propagation
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTHS = (1, 3, 1, 1)   # blocks 1-3 share a stage: 2 and 3 are not transitions
