@@ -18,9 +18,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
       momentum=0.9,
       nesterov=True,
       weight_decay=2e-5,          # coupled; never on gains, biases or skip gains
-      clip_mode='agc',            # 'agc' | 'global_norm' | 'none'
-      clipping=0.01,              # AGC lambda, or the global-norm threshold
+      clip_mode='agc',            # 'agc' | 'global_norm' | 'none': which of the two fields below applies
+      agc_lambda=0.01,            # clip_mode 'agc': the largest ratio ||G_i|| / max(||W_i||, agc_eps) per unit
       agc_eps=1e-3,
+      global_norm_threshold=1.0,  # clip_mode 'global_norm': the largest global norm of the gradients
       sam_rho=0.0,                # > 0 turns on sharpness-aware minimisation (the F6 recipe)
       adam_b1=0.9,
       adam_b2=0.999,

@@ -65,7 +65,7 @@ def tiny_config() -> ml_collections.ConfigDict:
   # from 2.13 to 3.67 at step 80 and the run ends at 23 % test top-1). With AGC it trains, the paper's point:
   # lambda 0.01 reached 83.3 %, 0.02 91.7 %, 0.04 94.2 % (the documented command, 20 epochs).
   config.optimizer.clip_mode = 'agc'
-  config.optimizer.clipping = 0.04
+  config.optimizer.agc_lambda = 0.04
   return config
 
 

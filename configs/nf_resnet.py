@@ -10,7 +10,7 @@ The recipe is the NF-ResNet paper's plain ImageNet set-up (Brock, De & Smith 202
 runs it, with AGC as the NFNets paper adds it to NF-ResNets: batch 1024, 90 epochs, 224² crops with flips
 only (no RandAugment, no MixUp/CutMix), SGD with Nesterov momentum 0.9 at 0.1 × batch / 256, 5 warmup epochs
 then cosine to 0, weight decay 5e-5, label smoothing 0.1, stochastic depth 0.1, head dropout 0.25, AGC λ 0.01
-(the NFNets paper finds smaller batches tolerate a larger λ; sweep `--config.optimizer.clipping` there), EMA
+(the NFNets paper finds smaller batches tolerate a larger λ; sweep `--config.optimizer.agc_lambda` there), EMA
 0.9999. Turn AGC off with `--config.optimizer.clip_mode=none` for the original NF-ResNet runs.
 """
 import ml_collections
@@ -48,7 +48,7 @@ def tiny_config() -> ml_collections.ConfigDict:
   # Small batches tolerate a larger AGC lambda (NFNets paper, Fig. 3): 0.01 reached 35 %, 0.04 92.5 %,
   # 0.08 95.0 %, 0.16 chance; 0.04 keeps away from that edge. The run is sensitive to rounding: at 0.04 the
   # merged code of 2026-12-07 reached 90.0 % with jax 0.10.2 and 93.1 % with jax 0.12.1.
-  config.optimizer.clipping = 0.04
+  config.optimizer.agc_lambda = 0.04
   return config
 
 

@@ -7,14 +7,17 @@
   python -m experiments.train --config configs/nfnet.py:F0 --workdir gs://bucket/f0 \
       --config.data.data_dir=gs://bucket/tensorflow_datasets --config.distributed=True
 
-Any value can be overridden, e.g. `--config.optimizer.clipping=0.02 --config.train.batch_size=1024`.
+Any value can be overridden, e.g. `--config.optimizer.agc_lambda=0.02 --config.train.batch_size=1024`.
 Arguments: `F0` ... `F7`, `F0+` ... `F7+`, `F5-sam`, `F6` (trained with SAM, as published), `tiny`.
 The architecture (depths, widths) is the model's (`nfnets.models.nfnet.VARIANTS`); the recipe numbers per
 variant are here.
 """
+from typing import Any, Optional
+
 import ml_collections
 
 from configs import common
+from nfnets import models
 
 # The paper's per-variant recipe: train / test resolution, RandAugment magnitude, head dropout.
 RECIPES = {
@@ -49,6 +52,25 @@ PUBLISHED = {
 _SAM_BY_DEFAULT = ('F6',)
 
 
+def published_row(model_config: dict[str, Any], run_config: Optional[dict[str, Any]]) -> tuple[Optional[str], str]:
+  """The published row a checkpoint's model belongs to (None if none), and why not.
+
+  The model must be the variant's published architecture (training-only entries such as dropout may differ);
+  a project checkpoint whose run used SAM belongs to the '-sam' row (the published F6 is the SAM one).
+  """
+  name, variant = model_config.get('name'), model_config.get('variant')
+  if name != 'nfnet' or variant not in models.get_family('nfnet').variants:
+    return None, f'{name} {variant} is not a published model'
+  problem = models.contradiction(dict(model_config), models.model_config('nfnet', variant).to_dict())
+  if problem:  # e.g. a narrower preset, another class count or activation
+    return None, f'not the published {variant} ({problem})'
+  sam = bool(run_config and run_config.get('optimizer', {}).get('sam_rho', 0) > 0)
+  row = f'{variant}-sam' if sam and variant != 'F6' else variant
+  if row not in PUBLISHED:
+    return None, f'no published row {row}'
+  return row, ''
+
+
 def variant_config(variant: str, sam: bool = False) -> ml_collections.ConfigDict:
   """The paper's ImageNet recipe for NFNet `variant` ('F0'..'F7', wide 'F0+'..'F7+')."""
   config = common.base_config('nfnet', variant)
@@ -69,7 +91,7 @@ def tiny_config() -> ml_collections.ConfigDict:
   config.model.drop_rate = 0.1
   config.model.stochdepth_rate = 0.1
   config.optimizer.base_learning_rate = 0.4
-  config.optimizer.clipping = 0.04   # small batches tolerate a larger AGC lambda (paper, Fig. 3)
+  config.optimizer.agc_lambda = 0.04   # small batches tolerate a larger AGC lambda (paper, Fig. 3)
   return config
 
 

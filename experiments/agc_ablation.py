@@ -16,24 +16,25 @@ from absl import app
 from absl import flags
 import jax
 
-from experiments import common
-from nfnets import ablation
+from nfnets import cli
 from nfnets.errors import ConfigError
+from nfnets.studies import ablation
 
 # Without --config: the tiny preset, shortened to show within minutes on a CPU what the paper shows.
 # A --config.x=value on the command line still wins over these.
 DEFAULT_SETTINGS = {'train.epochs': 6.0, 'optimizer.warmup_epochs': 0.0, 'train.log_every_steps': 5}
 
-_CONFIG = common.define_config_flag(
+_CONFIG = cli.define_config_flag(
     'Base config, as path:arg; without it tiny with '
     f'{", ".join(f"{k}={v}" for k, v in DEFAULT_SETTINGS.items())}.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/agc_ablation', 'One sub-workdir per run, the tables and plots.')
 _MODES = flags.DEFINE_list('modes', list(ablation.MODES), f'Clipping modes, of {", ".join(ablation.MODES)}.')
-_LAMBDAS = flags.DEFINE_list('lambdas', ['0.01', '0.04', '0.16'], 'AGC lambdas (clipping thresholds).')
+_LAMBDAS = flags.DEFINE_list('lambdas', ['0.01', '0.04', '0.16'], 'AGC lambdas (optimizer.agc_lambda).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['64'], 'Global batch sizes.')
 _LEARNING_RATES = flags.DEFINE_list('learning_rates', ['1.6'], 'Base learning rates, scaled by '
                                     'batch_size / optimizer.reference_batch_size.')
-_GLOBAL_NORM_THRESHOLD = flags.DEFINE_float('global_norm_threshold', 1.0, 'Threshold of the global_norm runs.')
+_GLOBAL_NORM_THRESHOLD = flags.DEFINE_float('global_norm_threshold', 1.0,
+                                            'optimizer.global_norm_threshold of the global_norm runs.')
 
 
 def _numbers(flag: flags.FlagHolder, kind: type) -> list:
@@ -45,7 +46,7 @@ def _numbers(flag: flags.FlagHolder, kind: type) -> list:
 
 def _default_settings() -> dict:
   """DEFAULT_SETTINGS without --config, less any field the command line overrides itself."""
-  if common.config_given():
+  if cli.config_given():
     return {}
   overridden = {arg[len('--config.'):].partition('=')[0] for arg in sys.argv[1:] if arg.startswith('--config.')}
   return {k: v for k, v in DEFAULT_SETTINGS.items() if k not in overridden}
@@ -64,11 +65,11 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir', f'{_WORKDIR.value}/xla_cache')
   results = ablation.run_sweep(config, grid, _WORKDIR.value)
   if len(results) == len(grid):
-    from nfnets import ablation_plots  # pylint: disable=g-import-not-at-top  (matplotlib: only when plotting)
+    from nfnets.studies import ablation_plots  # pylint: disable=g-import-not-at-top  (matplotlib: only when plotting)
     for path in ablation_plots.write_plots(results, _WORKDIR.value):
       print(f'wrote {path}')
     print(f'\n{ablation.markdown_table(results)}')
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

@@ -14,29 +14,30 @@ import json
 from absl import app
 from absl import flags
 
-from experiments import common
+import configs
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import distributed
 from nfnets import evaluate
 
-_CONFIG = common.define_config_flag('Experiment config, as path:arg; default: the checkpoint\'s own.')
+_CONFIG = cli.define_config_flag('Experiment config, as path:arg; default: the checkpoint\'s own.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                   'A checkpoint directory, a workdir, an F*_haiku.npz or a timm .safetensors.')
 flags.mark_flag_as_required('checkpoint')
-common.define_distributed_flags()
+cli.define_distributed_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  common.initialize_distributed(_CONFIG.value)
-  common.require_config_for_overrides()
+  cli.initialize_distributed(_CONFIG.value)
+  cli.require_config_for_overrides()
   loaded = checkpoint.read(_CHECKPOINT.value)
-  config = common.config_for_checkpoint(_CONFIG.value, loaded)
+  config = configs.for_checkpoint(loaded, _CONFIG.value if cli.config_given() else None)
   results = evaluate.evaluate_weights(config, loaded.model_config, loaded.weight_sets)
   if distributed.is_primary_host():
     print(json.dumps({'checkpoint': _CHECKPOINT.value, **results}))
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

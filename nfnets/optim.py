@@ -2,7 +2,8 @@
 
 The paper's update order for each step, all on float32 gradients already averaged across devices:
 
-  1. clip: unit-wise AGC (lambda = `clipping`), or a global-norm clip (threshold `clipping`), or none;
+  1. clip (`clip_mode`): unit-wise AGC (lambda = `agc_lambda`), a global-norm clip (`global_norm_threshold`), or
+     none;
   2. coupled weight decay: g += weight_decay * w, on weights only (see `is_decayed`);
   3. SGD with Nesterov momentum: t = g + momentum * t_prev; d = g + momentum * t;
   4. step: w -= lr(step) * d, lr = base_learning_rate * batch_size / reference_batch_size with a linear
@@ -90,16 +91,20 @@ def clipping_transform(optimizer_config: ml_collections.ConfigDict,
   AGC leaves the final classifier's weight unclipped: the module the model registry names, or by default the
   top-level 'linear' (see `agc.is_final_classifier_weight`).
   """
+  if 'clipping' in optimizer_config:  # the old field, which meant either, set by a config written in Python
+    raise ConfigError('optimizer.clipping was renamed: use optimizer.agc_lambda (clip_mode agc) or '
+                      'optimizer.global_norm_threshold (clip_mode global_norm)')
   mode = optimizer_config.clip_mode
   if mode == 'agc':
     exclude = agc.is_final_classifier_weight
     if classifier_module is not None:
       exclude = lambda path: path == (classifier_module, 'w')
-    return agc.adaptive_grad_clip(optimizer_config.clipping, eps=optimizer_config.agc_eps, exclude=exclude)
+    return agc.adaptive_grad_clip(optimizer_config.agc_lambda, eps=optimizer_config.agc_eps, exclude=exclude)
   if mode == 'global_norm':
-    if not optimizer_config.clipping > 0:
-      raise ConfigError(f'global-norm clipping threshold must be > 0, got {optimizer_config.clipping}')
-    return optax.clip_by_global_norm(optimizer_config.clipping)
+    threshold = optimizer_config.global_norm_threshold
+    if not threshold > 0:
+      raise ConfigError(f'optimizer.global_norm_threshold must be > 0, got {threshold}')
+    return optax.clip_by_global_norm(threshold)
   if mode == 'none':
     return optax.identity()
   raise ConfigError(f'unknown clip_mode {mode!r}; use one of {_CLIP_MODES}')
@@ -137,7 +142,7 @@ def build_optimizer(optimizer_config: ml_collections.ConfigDict, *, batch_size: 
 
   Args:
     optimizer_config: name, base_learning_rate, reference_batch_size, warmup_epochs, schedule, momentum,
-      nesterov, weight_decay, clip_mode, clipping, agc_eps, sam_rho, adam_b1, adam_b2.
+      nesterov, weight_decay, clip_mode, agc_lambda, agc_eps, global_norm_threshold, sam_rho, adam_b1, adam_b2.
     batch_size: global batch size (all devices, all hosts), for the learning-rate scaling.
     examples_per_epoch: the training split's size, for the warmup length.
     total_steps: optimizer steps in the whole run; the cosine reaches 0 there.

@@ -10,7 +10,7 @@
 The config comes through the shared command-line layer (`--config path:arg`, `--config.data.x=value`
 overrides; default configs/nfnet.py:F0); `input` reads its `data` section.
 
-`train` and `eval` time the loop's own pmapped steps on one device (see `scripts/step_benchmark.py`):
+`train` and `eval` time the loop's own pmapped steps on one device (see `scripts/step_timing.py`):
 compile seconds, step seconds, images/s, XLA's FLOPs per step, achieved FLOP/s and its fraction of the
 device's matmul peak measured in the same run (MFU), and peak host memory. `--resolution`, `--batch`
 and `--dtype` set the config's train and eval fields alike; `--baseline MODE` also builds the step with
@@ -47,7 +47,6 @@ import io
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 import types
@@ -58,11 +57,11 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from experiments import common
-from nfnets.errors import ConfigError
-
+from nfnets import cli
 from nfnets.data import mix
 from nfnets.data import train_transform
+from nfnets.errors import ConfigError
+from scripts import step_flags
 
 DEFAULT_INPUT_SETTINGS = dict(train_resolution=192, randaugment_layers=4, randaugment_magnitude=5.0,
                               mix='mixup_cutmix', mixup_alpha=0.2, randaugment_semantics='reference')
@@ -269,7 +268,7 @@ def run_input(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   widths, heights = zip(*sizes)
   return {
       'benchmark': 'input',
-      'config': common.config_name(),
+      'config': cli.config_name(),
       **settings,
       'num_images': args.num_images,
       'image_size_mean_hw': [round(float(np.mean(heights))), round(float(np.mean(widths)))],
@@ -296,37 +295,36 @@ def run_input_pipeline(args, config: ml_collections.ConfigDict) -> Dict[str, Any
       seed=args.seed, num_classes=NUM_CLASSES, eval_pipeline=args.eval_pipeline,
       min_train_examples=2 * args.batch_size * crops_per_example(settings))
   return {'benchmark': 'eval_pipeline' if args.eval_pipeline else 'input_pipeline',
-          'config': common.config_name(), **settings,
+          'config': cli.config_name(), **settings,
           'crops_per_example': crops_per_example(settings), **report}
 
 
 def run_step(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The train or eval step benchmark (`args.command`) of `config` with the command line's overrides."""
-  from scripts import step_benchmark  # Imports JAX and the model: only the step benchmarks need them.
+  from scripts import step_timing  # Imports JAX and the model: only the step benchmarks need them.
   resolution = args.resolution or (config.data.train_resolution if args.command == 'train'
                                    else config.data.eval_resolution)
-  config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=resolution, dtype=args.dtype,
-                                          remat=args.remat)
-  report = step_benchmark.run(args.command, config, steps=args.steps, warmup=args.warmup,
-                              baseline_grouped_conv=args.baseline, matmul_size=args.matmul_size)
+  config = step_timing.apply_overrides(config, batch=args.batch, resolution=resolution, dtype=args.dtype,
+                                       remat=args.remat)
+  report = step_timing.run(args.command, config, steps=args.steps, warmup=args.warmup,
+                           baseline_grouped_conv=args.baseline, matmul_size=args.matmul_size)
   return {'config': args.config_name, **report}
 
 
 def run_memory(args, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The train step's memory report at `args.batch` examples per device."""
-  from scripts import step_benchmark, step_memory  # Import JAX and the model: only the step commands need them.
-  config = step_benchmark.apply_overrides(config, batch=args.batch, resolution=args.resolution or
-                                          config.data.train_resolution, dtype=args.dtype, remat=args.remat)
+  from scripts import step_memory, step_timing  # Import JAX and the model: only the step commands need them.
+  config = step_timing.apply_overrides(config, batch=args.batch, resolution=args.resolution or
+                                       config.data.train_resolution, dtype=args.dtype, remat=args.remat)
   config.train.accumulation_steps = args.accumulation_steps
   return {'config': args.config_name, **step_memory.report(config, args.batch, compile_step=args.compile)}
 
 
 SUBCOMMANDS = {'input': run_input, 'train': run_step, 'eval': run_step, 'memory': run_memory}
-STEP_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-_CONFIG = common.define_config_flag('Config to benchmark (input: its data section).',
-                                   default=os.path.join(common.REPO_ROOT, 'configs', 'nfnet.py') + ':F0')
+_CONFIG = cli.define_config_flag('Config to benchmark (input: its data section).',
+                                   default=os.path.join(cli.REPO_ROOT, 'configs', 'nfnet.py') + ':F0')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 256, 'How many JPEGs to generate (cycled through while timing).')
 _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timing budget per transform on one core (at least one batch).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Examples per timed batch.')
@@ -335,33 +333,21 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the generated JPEGs and the tra
 _WORKERS = flags.DEFINE_integer('workers', None, 'input: time the training pipeline itself with this '
                                 'config.data.num_workers (-1: from the usable cores; 0: threads only).')
 _EVAL_PIPELINE = flags.DEFINE_bool('eval_pipeline', False, 'input --workers N: time the evaluation pipeline.')
-_RESOLUTION = flags.DEFINE_integer('resolution', None, "train/eval: image size; default: the config's train "
-                                   '(eval) resolution.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'train/eval/memory: batch size on the one device.')
-_DTYPE = flags.DEFINE_enum('dtype', None, STEP_DTYPES, "train/eval/memory: compute dtype; default: the config's.")
-_REMAT = flags.DEFINE_boolean('remat', None, "train/eval/memory: rematerialise each residual block (sets "
-                              "config.model.remat); default: the config's.")
 _ACCUMULATION_STEPS = flags.DEFINE_integer('accumulation_steps', 1, 'memory: micro-batches of --batch examples '
                                            'per update (sets config.train.accumulation_steps).')
-_STEPS = flags.DEFINE_integer('steps', 5, 'train/eval: timed steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 1, 'train/eval: untimed steps after compiling.')
-_BASELINE = flags.DEFINE_enum('baseline', None, ('native', 'split'),
-                              'train/eval: also time the step with the grouped convs in this mode, alternating.')
 _COMPILE = flags.DEFINE_boolean('compile', True, 'memory: compile the step for XLA\'s figures; --nocompile '
                                 'reports only the state and the saved activations (tracing alone).')
-_MATMUL_SIZE = flags.DEFINE_integer('matmul_size', None, 'train/eval: side of the square matmul that measures '
-                                    'the peak; default by device.')
 
 
 def _step_args(command: str) -> types.SimpleNamespace:
-  if (_BATCH.value < 1 or _STEPS.value < 1 or _WARMUP.value < 0 or (_RESOLUTION.value or 8) < 8
-      or (_MATMUL_SIZE.value or 1) < 1 or _ACCUMULATION_STEPS.value < 1):
-    raise ConfigError('need --batch >= 1, --steps >= 1, --warmup >= 0, --resolution >= 8, --matmul_size >= 1 '
-                      'and --accumulation_steps >= 1')
-  return types.SimpleNamespace(command=command, config_name=common.config_name(), resolution=_RESOLUTION.value,
-                               batch=_BATCH.value, dtype=_DTYPE.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                               baseline=_BASELINE.value, matmul_size=_MATMUL_SIZE.value, remat=_REMAT.value,
-                               compile=_COMPILE.value, accumulation_steps=_ACCUMULATION_STEPS.value)
+  step_flags.check()
+  if _ACCUMULATION_STEPS.value < 1:
+    raise ConfigError('need --accumulation_steps >= 1')
+  return types.SimpleNamespace(
+      command=command, config_name=cli.config_name(), resolution=step_flags.RESOLUTION.value,
+      batch=step_flags.BATCH.value, dtype=step_flags.DTYPE.value, steps=step_flags.STEPS.value,
+      warmup=step_flags.WARMUP.value, baseline=step_flags.BASELINE.value, matmul_size=step_flags.MATMUL_SIZE.value,
+      remat=step_flags.REMAT.value, compile=_COMPILE.value, accumulation_steps=_ACCUMULATION_STEPS.value)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -386,4 +372,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

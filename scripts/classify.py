@@ -17,13 +17,14 @@ from etils import epath
 import ml_collections
 import numpy as np
 
-from experiments import common
+import configs
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import models
 import nfnets.data
 from nfnets.errors import UserError
 
-_CONFIG = common.define_config_flag('Config whose evaluation preprocessing to use; default: the checkpoint\'s own.')
+_CONFIG = cli.define_config_flag('Config whose evaluation preprocessing to use; default: the checkpoint\'s own.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'F*_haiku.npz, a timm .safetensors, a checkpoint directory or a '
                                   'workdir.')
 _TOP = flags.DEFINE_integer('top', 5, 'How many classes to print per image.')
@@ -55,12 +56,12 @@ def classify(image_paths: list[str], loaded: checkpoint.Checkpoint, config: ml_c
 def main(argv):
   if len(argv) < 2:
     raise UserError('name at least one image file')
-  common.require_config_for_overrides()
+  cli.require_config_for_overrides()
   loaded = checkpoint.read(_CHECKPOINT.value)
-  config = common.config_for_checkpoint(_CONFIG.value, loaded)
+  config = configs.for_checkpoint(loaded, _CONFIG.value if cli.config_given() else None)
   for result in classify(argv[1:], loaded, config, _TOP.value):
     print(json.dumps(result))
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

@@ -18,12 +18,13 @@ import json
 
 from absl import flags
 
-from experiments import common
+import configs
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import timm_weights
 from nfnets.errors import UserError
 
-_CONFIG = common.define_config_flag('Config to record with the weights; default: the variant\'s recipe.')
+_CONFIG = cli.define_config_flag('Config to record with the weights; default: the variant\'s recipe.')
 _FROM = flags.DEFINE_enum('from', None, checkpoint.FILE_KINDS,
                           'Format of SOURCE; default: timm for a .safetensors file, else reference.')
 _TO = flags.DEFINE_enum('to', None, ['timm'], 'Export a checkpoint to this format instead of importing one.')
@@ -33,11 +34,11 @@ USAGE = ('usage: python -m scripts.convert_checkpoint [--from reference|timm] SO
 
 
 def convert(source: str, destination: str, config=None, file_format=None) -> dict:
-  """Writes the converted checkpoint and returns its model config."""
+  """Writes the converted checkpoint and returns its model config; `config` None: the variant's recipe."""
   loaded = checkpoint.read(source, file_format)
   if loaded.kind == 'project':
     raise UserError(f'{source} is already a project checkpoint')
-  config = common.config_for_checkpoint(config, loaded)
+  config = configs.for_checkpoint(loaded, config)
   params, model_state = loaded.weight_sets['']
   checkpoint.save_weights(destination, params, model_state,
                           meta={'model': loaded.model_config, 'config': json.loads(config.to_json()),
@@ -66,9 +67,10 @@ def main(argv):
     print(f'exported the {weights} weights of {argv[1]} to {argv[2]}; in PyTorch: model = {line}; '
           f'model.load_state_dict(safetensors.torch.load_file({argv[2]!r}), strict=True)')
     return
-  model_config = convert(argv[1], argv[2], _CONFIG.value, _FROM.value)
+  cli.require_config_for_overrides()
+  model_config = convert(argv[1], argv[2], _CONFIG.value if cli.config_given() else None, _FROM.value)
   print(f'converted {argv[1]} ({model_config["name"]} {model_config["variant"]}) to {argv[2]}')
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

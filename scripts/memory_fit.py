@@ -6,7 +6,7 @@ import math
 import sys
 from typing import Any, Optional, Sequence
 
-from experiments import common
+from nfnets import cli
 from nfnets.errors import ConfigError
 
 # The recipe's batch (configs/common.py), the same for every NFNet variant.
@@ -16,7 +16,7 @@ GIB = 2**30
 
 def measure_command(variant: str, batch: int, remat: bool, compile_step: bool) -> list[str]:
   return [sys.executable, '-m', 'scripts.benchmark', 'memory',
-          f'--config={common.REPO_ROOT}/configs/nfnet.py:{variant}',
+          f'--config={cli.REPO_ROOT}/configs/nfnet.py:{variant}',
           f'--batch={batch}', '--dtype=bfloat16', f'--remat={remat}', f'--compile={compile_step}',
           '--config.model.grouped_conv=native']
 

@@ -25,18 +25,18 @@ from typing import Sequence
 from absl import flags
 from etils import epath
 
-from experiments import common
+from nfnets import cli
 from nfnets import files
-from scripts.memory_fit import matches, measure_command, table
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from scripts.memory_fit import matches, measure_command, table
 
 _VARIANTS = flags.DEFINE_list('variants', ['F0', 'F3', 'F6'], 'NFNet variants (configs/nfnet.py arguments).')
 _BATCHES = flags.DEFINE_list('batches', ['16', '64'], 'Per-device micro-batches to compile (at least two).')
 _SKIP_COMPILE = flags.DEFINE_list('skip_compile', [], 'Variants whose step is not compiled (activations only).')
 _CAPACITIES = flags.DEFINE_list('capacities_gib', ['16', '40', '80'], 'Device memory sizes, GiB.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '4', '8', '64'], 'Device counts for the accumulation steps.')
-_OUT = flags.DEFINE_string('out', None, 'JSON lines of the measurements, reused and rewritten (required).')
+_OUT = cli.define_out_flag('JSON lines of the measurements, reused and rewritten (required).')
 _TIMEOUT = flags.DEFINE_integer('timeout_s', 7200, 'Seconds one measurement may take.')
 
 def _integers(name: str, values: Sequence[str], minimum: int) -> list[int]:
@@ -72,7 +72,7 @@ def main(argv):
       continue
     what = f'{variant} remat={remat} batch {batch}'
     try:
-      result = subprocess.run(measure_command(variant, batch, remat, compile_step), cwd=common.REPO_ROOT,
+      result = subprocess.run(measure_command(variant, batch, remat, compile_step), cwd=cli.REPO_ROOT,
                               capture_output=True, text=True, timeout=_TIMEOUT.value)
     except subprocess.TimeoutExpired:
       raise UserError(f'{what} ran past --timeout_s={_TIMEOUT.value}') from None
@@ -89,4 +89,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

@@ -23,7 +23,7 @@ from absl import flags
 from etils import epath
 from PIL import Image
 
-from experiments import common
+from nfnets import cli
 from nfnets.errors import DataNotFoundError
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
@@ -35,7 +35,7 @@ _MANUAL_DIR = flags.DEFINE_string(
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'TFDS data directory to write to (default: $TFDS_DATA_DIR or '
     '~/tensorflow_datasets, or --config\'s data.data_dir); point config.data.data_dir here.')
-_CONFIG = common.define_config_flag('Config whose data.data_dir to prepare, when --data_dir is not given.')
+_CONFIG = cli.define_config_flag('Config whose data.data_dir to prepare, when --data_dir is not given.')
 
 
 def _as_text(value: bytes | str) -> str:
@@ -121,4 +121,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('manual_dir')
-  common.run(main)
+  cli.run(main)

@@ -16,36 +16,33 @@ directory, `data.eval_split='validation[:10000]'` for a quick look, or the evalu
 Prints the markdown table, then one `skipped: ...` line for each thing it could not measure and why;
 `--out DIR` also writes DIR/table.md and DIR/table.csv.
 """
-import csv
 import dataclasses
 import functools
-import io
 import json
 from typing import Any, Optional, Sequence
 
 from absl import flags
 from etils import epath
-import jax
 import ml_collections
 from ml_collections import config_flags
 
 import configs
 from configs import nfnet as nfnet_configs
-from experiments import common
 from nfnets import checkpoint
+from nfnets import cli
 from nfnets import evaluate
 from nfnets import flops
-from nfnets import models
 from nfnets.data import sources
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from nfnets.studies import sweeps
 
-common.define_config_flag('Not a file here: each row uses configs/nfnet.py:ROW; give only --config.x '
+cli.define_config_flag('Not a file here: each row uses configs/nfnet.py:ROW; give only --config.x '
                              'overrides, applied to every row.')
 _CHECKPOINTS = flags.DEFINE_string('checkpoints', None, 'A folder of checkpoints to evaluate: reference '
                                    'F*_haiku.npz files, timm dm_nfnet .safetensors files and/or project '
                                    'checkpoint directories (workdirs).')
-_OUT = flags.DEFINE_string('out', None, 'Folder for table.md and table.csv (local or gs://).')
+_OUT = cli.define_out_flag('Folder for table.md and table.csv (local or gs://).')
 _ROWS = flags.DEFINE_list('rows', list(nfnet_configs.PUBLISHED), 'Published rows to show.')
 
 CSV_COLUMNS = ('row', 'params_millions', 'published_params_millions', 'macs_billions',
@@ -62,25 +59,6 @@ class Measured:
   top5: float
   eval_resolution: int
   eval_examples: int
-
-
-def published_row(model_config: dict[str, Any], run_config: Optional[dict[str, Any]]) -> tuple[Optional[str], str]:
-  """The published row a checkpoint's model belongs to (None if none), and why not.
-
-  The model must be the variant's published architecture (training-only entries such as dropout may differ);
-  a project checkpoint whose run used SAM belongs to the '-sam' row (the published F6 is the SAM one).
-  """
-  name, variant = model_config.get('name'), model_config.get('variant')
-  if name != 'nfnet' or variant not in models.get_family('nfnet').variants:
-    return None, f'{name} {variant} is not a published model'
-  problem = models.contradiction(dict(model_config), models.model_config('nfnet', variant).to_dict())
-  if problem:  # e.g. a narrower preset, another class count or activation
-    return None, f'not the published {variant} ({problem})'
-  sam = bool(run_config and run_config.get('optimizer', {}).get('sam_rho', 0) > 0)
-  row = f'{variant}-sam' if sam and variant != 'F6' else variant
-  if row not in nfnet_configs.PUBLISHED:
-    return None, f'no published row {row}'
-  return row, ''
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -148,7 +126,7 @@ def evaluate_folder(folder: str, overrides: dict[str, Any], rows: Sequence[str]
     except UserError as e:
       skipped.append(f'{path}: {str(e).splitlines()[0]}')
       continue
-    row, reason = published_row(loaded.model_config, loaded.config)
+    row, reason = nfnet_configs.published_row(loaded.model_config, loaded.config)
     if row is None or row not in rows:
       skipped.append(f'{path}: {reason or f"row {row} not asked for (--rows)"}')
       continue
@@ -160,9 +138,7 @@ def evaluate_folder(folder: str, overrides: dict[str, Any], rows: Sequence[str]
         top5=100 * results[f'{prefix}top5'], eval_resolution=config.data.eval_resolution,
         eval_examples=int(results['num_examples'])))
     del loaded
-    # Each model's compiled evaluation holds thousands of memory mappings on CPU; a folder of F0-F6 would
-    # pass Linux's per-process limit (vm.max_map_count) and crash. The next model recompiles anyway.
-    jax.clear_caches()
+    sweeps.release_compiled_programs()  # a folder of F0-F6 would otherwise pass Linux's limit on mappings
   return measured, skipped
 
 
@@ -185,29 +161,20 @@ def _number(value: Optional[float], digits: int, suffix: str = '') -> str:
 
 
 def markdown(records: Sequence[dict[str, Any]]) -> str:
-  header = ('| model | params (ours) | params (paper) | MACs (ours) | MACs (paper) | train / test res '
-            '| top-1 (paper) | top-5 (paper) | top-1 (ours) | top-5 (ours) | checkpoint (weights; evaluated on) |')
-  lines = [header, '|' + '---|' * header.count(' | ') + '---|']
+  header = ('model', 'params (ours)', 'params (paper)', 'MACs (ours)', 'MACs (paper)', 'train / test res',
+            'top-1 (paper)', 'top-5 (paper)', 'top-1 (ours)', 'top-5 (ours)', 'checkpoint (weights; evaluated on)')
+  rows = []
   for r in records:
     if r.get('checkpoint'):
       source = f'{r["checkpoint"]} ({r["weights"]}; {r["eval_examples"]} images at {r["eval_resolution"]}²)'
     else:
       source = '–'
-    lines.append(' | '.join([
-        f'| {r["row"]}', _number(r['params_millions'], 2, 'M'), _number(r['published_params_millions'], 2, 'M'),
+    rows.append([
+        r['row'], _number(r['params_millions'], 2, 'M'), _number(r['published_params_millions'], 2, 'M'),
         _number(r['macs_billions'], 2, 'B'), _number(r['published_macs_billions'], 2, 'B'),
         f'{r["train_resolution"]} / {r["test_resolution"]}', _number(r['published_top1'], 1),
-        _number(r['published_top5'], 1), _number(r.get('top1'), 2), _number(r.get('top5'), 2), source]) + ' |')
-  return '\n'.join(lines) + '\n'
-
-
-def csv_text(records: Sequence[dict[str, Any]]) -> str:
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator='\n')
-  writer.writeheader()
-  for r in records:
-    writer.writerow({k: ('' if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-  return buffer.getvalue()
+        _number(r['published_top5'], 1), _number(r.get('top1'), 2), _number(r.get('top5'), 2), source])
+  return sweeps.markdown_table(header, rows)
 
 
 def reproduce(rows: Sequence[str], checkpoints: Optional[str], overrides: dict[str, Any]
@@ -229,7 +196,7 @@ def reproduce(rows: Sequence[str], checkpoints: Optional[str], overrides: dict[s
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if common.config_given():
+  if cli.config_given():
     raise ConfigError('--config: each row is evaluated with its own recipe (configs/nfnet.py:ROW); give only '
                       '--config.x=value overrides, which apply to every row')
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
@@ -242,9 +209,9 @@ def main(argv):
     out = epath.Path(_OUT.value).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / 'table.md').write_text(table)
-    (out / 'table.csv').write_text(csv_text(records))
+    (out / 'table.csv').write_text(sweeps.csv_text(records, CSV_COLUMNS))
     print(f'wrote {out / "table.md"} and {out / "table.csv"}')
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

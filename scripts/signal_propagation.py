@@ -29,16 +29,16 @@ import ml_collections
 from ml_collections import config_flags
 
 from configs import nfnet as nfnet_configs
-from experiments import common
-from nfnets import signal_propagation
+from nfnets import cli
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from nfnets.studies import signal_propagation
 
-_CONFIG = common.define_config_flag('The model (and, with --images=config, the data) to measure.')
+_CONFIG = cli.define_config_flag('The model (and, with --images=config, the data) to measure.')
 _COMPARE = config_flags.DEFINE_config_file('compare', None, 'A second config drawn beside the first, as path:arg; '
                                            '--compare.x=value overrides its fields.', lock_config=True)
 _VARIANT = flags.DEFINE_string('variant', None, 'Without --config: the NFNet variant to measure (default F0).')
-_OUT = flags.DEFINE_string('out', None, 'The PNG to write; the CSV goes beside it (same name, .csv).')
+_OUT = cli.define_out_flag('The PNG to write; the CSV goes beside it (same name, .csv).')
 _IMAGES = flags.DEFINE_enum('images', 'digits', ['digits', 'config', 'gaussian'], 'digits: the bundled digits\' '
                             'test split; config: the config\'s data.eval_split; gaussian: unit Gaussian noise.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 32, 'Images in the batch the statistics are taken over.')
@@ -50,11 +50,11 @@ flags.mark_flag_as_required('out')
 
 
 def _main_config() -> tuple[ml_collections.ConfigDict, str]:
-  if common.config_given():
+  if cli.config_given():
     if _VARIANT.value:
       raise ConfigError('give --variant or --config, not both')
-    return _CONFIG.value, common.config_name()
-  common.require_config_for_overrides()
+    return _CONFIG.value, cli.config_name()
+  cli.require_config_for_overrides()
   variant = _VARIANT.value or 'F0'
   try:
     return nfnet_configs.get_config(variant), variant
@@ -68,7 +68,7 @@ def _compare_config() -> tuple[ml_collections.ConfigDict, str] | None:
   try:
     config = _COMPARE.value
     config.model  # pylint: disable=pointless-statement  (a file that failed to load raises only when read)
-    return config, common.config_name('compare')
+    return config, cli.config_name('compare')
   except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
     raise ConfigError(f'bad --compare: {" ".join(str(e).split())}') from None
 
@@ -135,4 +135,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main)
+  cli.run(main)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from nfnets.errors import UserError
-from scripts import step_benchmark
+from scripts import accelerator_benchmark
 from tests.helpers import REPO_ROOT
 
 
@@ -30,7 +30,7 @@ def test_the_sweep_stops_at_the_first_batch_that_does_not_fit_and_reports_the_fa
   outcomes = {64: 500.0, 128: 620.0, 256: 610.0,
               512: 'jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 1.2GiB',
               1024: 'never run'}
-  result = step_benchmark.sweep_batch_sizes([64, 128, 256, 512, 1024], _runner(outcomes), emitted.append)
+  result = accelerator_benchmark.sweep_batch_sizes([64, 128, 256, 512, 1024], _runner(outcomes), emitted.append)
   assert [r['batch_size'] for r in emitted] == [64, 128, 256]
   assert result['batches_fitted'] == [64, 128, 256] and result['first_batch_not_fitting'] == 512
   assert result['best']['batch_size'] == 128 and result['best']['mfu'] == pytest.approx(0.62)
@@ -38,7 +38,8 @@ def test_the_sweep_stops_at_the_first_batch_that_does_not_fit_and_reports_the_fa
 
 def test_a_failure_other_than_memory_stops_the_sweep_with_its_error_line():
   with pytest.raises(UserError, match='batch 128 failed: ValueError: bad shape'):
-    step_benchmark.sweep_batch_sizes([64, 128, 256], _runner({64: 1.0, 128: 'ValueError: bad shape'}), lambda r: None)
+    accelerator_benchmark.sweep_batch_sizes([64, 128, 256], _runner({64: 1.0, 128: 'ValueError: bad shape'}),
+                                            lambda r: None)
 
 
 def test_the_command_runs_the_real_benchmark_per_batch_and_writes_its_lines(tmp_path):
@@ -51,6 +52,7 @@ def test_the_command_runs_the_real_benchmark_per_batch_and_writes_its_lines(tmp_
   run, summary = [json.loads(line) for line in result.stdout.strip().splitlines()]
   assert run['benchmark'] == 'train' and run['batch_size'] == 2 and run['dtype'] == 'float32'
   assert run['config'] == 'tiny' and run['mfu'] > 0
+  assert (run['steps'], run['warmup_steps']) == (1, 0)  # the step flags reach every run
   assert summary['batches_fitted'] == [2] and summary['best']['batch_size'] == 2
   assert [json.loads(line) for line in out.read_text().splitlines()] == [run, summary]
 

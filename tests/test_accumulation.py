@@ -51,7 +51,7 @@ def _optimizer_config(**overrides) -> ml_collections.ConfigDict:
   config = common.optimizer_config()
   config.warmup_epochs = 0.0   # a non-zero learning rate from the first update
   config.base_learning_rate = 0.4
-  config.clipping = 0.02       # AGC clips some units of these models' gradients, not all (asserted)
+  config.agc_lambda = 0.02     # AGC clips some units of these models' gradients, not all (asserted)
   config.update(overrides)
   return config
 

@@ -9,9 +9,10 @@ import sys
 from etils import epath
 import pytest
 
-from nfnets import ablation
-from nfnets import ablation_plots
 from nfnets import errors
+from nfnets.studies import ablation
+from nfnets.studies import ablation_plots
+from nfnets.studies import sweeps
 from tests import fake_gcs
 from tests import tiny_setup
 from tests.helpers import REPO_ROOT
@@ -126,7 +127,7 @@ def test_each_trained_run_releases_its_compiled_programs(tmp_path, monkeypatch):
   """On CPU each compiled program holds thousands of memory mappings; a sweep that kept them all would
   pass Linux's per-process limit and segfault. Runs skipped as finished compile nothing."""
   released = []
-  monkeypatch.setattr(ablation.jax, 'clear_caches', lambda: released.append(True))
+  monkeypatch.setattr(sweeps, 'release_compiled_programs', lambda: released.append(True))
   grid = ablation.make_grid(['none'], [], [32], [0.5, 1.0, 2.0])
   good = {'top1': 0.9, 'ema_top1': 0.9}
   ablation.run_sweep(tiny_setup.tiny_config(), grid[:1], str(tmp_path), train_fn=_fake_trainer([good], []),

@@ -133,6 +133,17 @@ def test_eval_benchmark_from_the_command_line():
   assert report['flops_per_step'] > 0 and report['step_s_median'] > 0 and 'baseline' not in report
 
 
+def test_the_step_flags_offer_only_compute_dtypes_the_models_accept():
+  from nfnets import models
+  from nfnets.errors import ConfigError
+  from scripts import step_flags
+  for dtype in step_flags.DTYPES:
+    models.precision_policy(dtype)
+  for dtype in ('float64', 'int8', 'float8_e4m3fn', 'complex64'):
+    with pytest.raises(ConfigError, match='unknown compute dtype'):
+      models.precision_policy(dtype)
+
+
 def test_step_benchmarks_reject_bad_input():
   for args in (['train', '--steps', '0'], ['eval', '--batch', '0'], ['train', '--dtype', 'float64'],
                ['train', '--baseline', 'fast']):

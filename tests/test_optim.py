@@ -1,6 +1,7 @@
 """The optimizer chain against a plain-numpy reading of the paper's update order, plus schedule, SAM and EMA."""
 import functools
 import math
+import types
 
 import haiku as hk
 import jax
@@ -9,7 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+import configs
+from configs import common
 from nfnets import agc
+from nfnets import models
 from nfnets.models import nfnet
 from nfnets import optim
 
@@ -17,8 +21,8 @@ from nfnets import optim
 def optimizer_config(**overrides):
   config = ml_collections.ConfigDict(dict(
       name='sgd', base_learning_rate=0.1, reference_batch_size=256, warmup_epochs=1.0, schedule='cosine',
-      momentum=0.9, nesterov=True, weight_decay=2e-5, clip_mode='agc', clipping=0.01, agc_eps=1e-3,
-      sam_rho=0.0, adam_b1=0.9, adam_b2=0.999, ema_decay=0.99999))
+      momentum=0.9, nesterov=True, weight_decay=2e-5, clip_mode='agc', agc_lambda=0.01, agc_eps=1e-3,
+      global_norm_threshold=1.0, sam_rho=0.0, adam_b1=0.9, adam_b2=0.999, ema_decay=0.99999))
   config.update(overrides)
   return config
 
@@ -90,7 +94,8 @@ def numpy_sgd_run(params, grads_per_step, config, *, batch_size, examples_per_ep
   params = jax.tree.map(lambda p: p.astype(np.float64), params)
   trace = jax.tree.map(np.zeros_like, params)
   for step, grads in enumerate(grads_per_step):
-    grads = numpy_clip(grads, params, config.clip_mode, config.clipping)
+    threshold = config.global_norm_threshold if config.clip_mode == 'global_norm' else config.agc_lambda
+    grads = numpy_clip(grads, params, config.clip_mode, threshold)
     grads = jax.tree.map(lambda g, p: g + config.weight_decay * p if p.ndim >= 2 else g, grads, params)
     trace = jax.tree.map(lambda t, g: g + config.momentum * t, trace, grads)
     direction = jax.tree.map(lambda t, g: g + config.momentum * t, trace, grads)
@@ -147,9 +152,9 @@ def test_agc_chain_matches_numpy_update_order_across_warmup_into_cosine_on_a_rea
   assert any(0 < float(f) < 1 for f in fractions)
 
 
-@pytest.mark.parametrize('clip_mode, clipping', [('global_norm', 0.05), ('none', 0.0)])
-def test_other_clip_modes_match_numpy(clip_mode, clipping):
-  config = optimizer_config(clip_mode=clip_mode, clipping=clipping, weight_decay=0.05)
+@pytest.mark.parametrize('clip_mode', ['global_norm', 'none'])
+def test_other_clip_modes_match_numpy(clip_mode):
+  config = optimizer_config(clip_mode=clip_mode, global_norm_threshold=0.05, weight_decay=0.05)
   params = small_params()
   rng = np.random.default_rng(2)
   grads_per_step = [random_grads(rng, params) for _ in range(6)]
@@ -245,16 +250,18 @@ def test_sam_follows_the_documented_pmapped_calling_convention():
   assert not all(np.allclose(updates[m][n], plain_updates[m][n]) for m in params for n in params[m])
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('name', 'lamb', 'optimizer'),
-    ('clip_mode', 'adaptive', 'clip_mode'),
-    ('schedule', 'linear', 'schedule'),
-    ('warmup_epochs', 10.0, 'warmup'),
-    ('sam_rho', -0.1, 'sam_rho'),
-    ('clipping', 0.0, 'clipping'),
+@pytest.mark.parametrize('overrides, message', [
+    (dict(name='lamb'), 'optimizer'),
+    (dict(clip_mode='adaptive'), 'clip_mode'),
+    (dict(schedule='linear'), 'schedule'),
+    (dict(warmup_epochs=10.0), 'warmup'),
+    (dict(sam_rho=-0.1), 'sam_rho'),
+    (dict(agc_lambda=0.0), 'clipping must be > 0'),
+    (dict(clip_mode='global_norm', global_norm_threshold=0.0), 'global_norm_threshold must be > 0'),
+    (dict(clipping=0.02), 'optimizer.clipping was renamed: use optimizer.agc_lambda'),
 ])
-def test_bad_settings_raise_clear_errors(field, value, message):
-  config = optimizer_config(**{field: value})
+def test_bad_settings_raise_clear_errors(overrides, message):
+  config = optimizer_config(**overrides)
   with pytest.raises(ValueError, match=message):
     optim.build_optimizer(config, batch_size=256, examples_per_epoch=2560, total_steps=100)
 
@@ -280,8 +287,29 @@ def test_ema_of_model_state_takes_counters_as_they_are():
   np.testing.assert_allclose(updated['bn']['average'], 0.9, rtol=1e-6)
 
 
+def test_a_stored_config_with_the_old_clipping_field_reads_as_the_field_its_mode_used():
+  def old(clip_mode, clipping):
+    stored = configs.for_model(models.model_config('nfnet', 'F0')).to_dict()
+    optimizer = stored['optimizer']
+    del optimizer['agc_lambda'], optimizer['global_norm_threshold']
+    optimizer.update(clip_mode=clip_mode, clipping=clipping)
+    return stored
+
+  recipe = common.optimizer_config()
+  agc_run = configs.upgrade(old('agc', 0.04))['optimizer']
+  assert (agc_run['agc_lambda'], agc_run['global_norm_threshold']) == (0.04, recipe.global_norm_threshold)
+  norm_run = configs.upgrade(old('global_norm', 2.0))['optimizer']
+  assert (norm_run['agc_lambda'], norm_run['global_norm_threshold']) == (recipe.agc_lambda, 2.0)
+  assert 'clipping' not in agc_run and 'clipping' not in norm_run
+  stored = old('agc', 0.04)
+  assert configs.upgrade(configs.upgrade(stored)) == configs.upgrade(stored) and 'clipping' in stored['optimizer']
+  # An old project checkpoint evaluated without --config: its run's config, in today's names.
+  loaded = types.SimpleNamespace(config=stored, model_config=stored['model'], path='old')
+  assert configs.for_checkpoint(loaded).optimizer.agc_lambda == 0.04
+
+
 def test_agc_leaves_the_registry_classifier_unclipped():
-  config = optimizer_config(clip_mode='agc', clipping=0.01)
+  config = optimizer_config(clip_mode='agc', agc_lambda=0.01)
   params = {'Net/~/head': {'w': np.ones((4, 3), np.float32), 'b': np.ones((3,), np.float32)},
             'Net/~/linear': {'w': np.ones((4, 3), np.float32)}}
   grads = jax.tree.map(lambda p: 100.0 * p, params)

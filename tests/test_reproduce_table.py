@@ -127,7 +127,7 @@ def test_without_data_or_checkpoints_it_prints_the_architecture_and_one_line_per
 ])
 def test_checkpoints_are_matched_to_their_published_row(model, run_config, expected):
   model_config = models.model_config('nfnet', **model).to_dict()
-  row, reason = reproduce_table.published_row(model_config, run_config)
+  row, reason = nfnet_configs.published_row(model_config, run_config)
   assert row == expected and bool(reason) == (expected is None)
 
 

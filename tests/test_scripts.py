@@ -1,4 +1,7 @@
-"""Checkpoint conversion and classification from the command line, on a fake reference F0 checkpoint."""
+"""The commands' shared layer (nfnets.cli), and checkpoint conversion and classification from the command line,
+on a fake reference F0 checkpoint."""
+import ast
+import glob
 import io
 import os
 import subprocess
@@ -11,10 +14,51 @@ from sklearn.datasets import load_sample_image
 
 from configs import nfnet as nfnet_configs
 from nfnets import checkpoint
+from nfnets import cli
+from nfnets import models
 from scripts import classify
 from scripts import convert_checkpoint
 from tests import helpers
 from tests.helpers import REPO_ROOT
+
+
+# Commands that must run where the project's requirements are not installed: CI reads the tested versions before
+# installing them, and the TPU launcher runs on the user's machine, which needs no JAX.
+_STANDALONE_COMMANDS = ('scripts/tested_stack.py', 'scripts/launch_tpu_pod.py')
+
+
+def _imported_modules(path):
+  tree = ast.parse(open(path).read(), path)
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.update(f'{node.module}.{alias.name}' for alias in node.names)
+  return names
+
+
+def test_every_command_imports_the_cli_module():
+  commands = [path for pattern in ('experiments/*.py', 'scripts/*.py')
+              for path in sorted(glob.glob(os.path.join(REPO_ROOT, pattern)))
+              if "__name__ == '__main__'" in open(path).read()]
+  assert len(commands) >= 12  # train, eval, the ablation and the scripts
+  assert not os.path.exists(os.path.join(REPO_ROOT, 'experiments', 'common.py'))
+  for path in commands:
+    imported = _imported_modules(path)
+    relative = os.path.relpath(path, REPO_ROOT)
+    assert not any(name.startswith('experiments.common') for name in imported), relative
+    assert ('nfnets.cli' in imported) != (relative in _STANDALONE_COMMANDS), relative
+
+
+def test_a_renamed_config_field_on_the_command_line_names_its_new_name(monkeypatch, capsys):
+  monkeypatch.setattr(cli, '_GIVEN', dict(cli._GIVEN))  # parse_flags records what it saw there
+  with pytest.raises(SystemExit) as exit_info:
+    cli.parse_flags(['prog', '--config=configs/nfnet.py:tiny', '--config.optimizer.clipping=0.02'])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert error.count('\n') == 1 and error.startswith('error: bad command line: --config.optimizer.clipping was '
+                                                      'renamed: use optimizer.agc_lambda')
 
 
 def _run(module, *args):

@@ -1,4 +1,4 @@
-"""Signal propagation at initialisation: the library (nfnets/signal_propagation.py) and the command."""
+"""Signal propagation at initialisation: the library (nfnets/studies/signal_propagation.py) and the command."""
 import csv
 import subprocess
 import sys
@@ -12,8 +12,8 @@ import pytest
 from configs import nfnet as nfnet_configs
 from configs import se_resnext as se_resnext_configs
 from nfnets import models
-from nfnets import signal_propagation
 from nfnets.errors import UserError
+from nfnets.studies import signal_propagation
 from tests.helpers import REPO_ROOT
 
 DEPTHS = (1, 3, 1, 1)   # blocks 1-3 share a stage: 2 and 3 are not transitions

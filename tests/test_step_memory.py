@@ -9,7 +9,7 @@ import pytest
 
 from configs import nfnet as nfnet_configs
 from scripts import memory_fit
-from scripts import step_benchmark
+from scripts import step_timing
 from scripts import step_memory
 from tests.helpers import REPO_ROOT
 
@@ -17,7 +17,7 @@ RESOLUTION = 32
 
 
 def _config(remat: bool = False, batch: int = 4):
-  config = step_benchmark.apply_overrides(nfnet_configs.get_config('tiny'), batch=batch, resolution=RESOLUTION,
+  config = step_timing.apply_overrides(nfnet_configs.get_config('tiny'), batch=batch, resolution=RESOLUTION,
                                           dtype='bfloat16', remat=remat)
   # Four blocks at the first stage's resolution, so that the blocks' activations outweigh the stem's.
   config.model.depths = (4, 1, 1, 1)
@@ -33,7 +33,7 @@ def _run_memory(*args):
 
 def test_batch_spec_is_the_pipelines_batch():
   config = _config(batch=2)
-  real = step_benchmark.train_batch(config)
+  real = step_timing.train_batch(config)
   spec = step_memory.train_batch_spec(config, 2)
   assert set(real) == set(spec)
   for key, value in real.items():

@@ -4,7 +4,11 @@
     a bad flag, config file or override ends with one line and exit status 2;
   * `run(main)`: runs an absl main so that a `UserError` becomes one line (`error: ...`) and exit status 1,
     while every other exception keeps its traceback;
-  * the multi-host flags and `jax.distributed` start-up.
+  * the multi-host flags and `jax.distributed` start-up;
+  * `--out`, where a command writes its results.
+
+Which config a checkpoint is used with is the configs' rule (`configs.for_checkpoint`); commands whose default
+config is the checkpoint's own call `require_config_for_overrides` first.
 """
 import functools
 import os
@@ -17,10 +21,12 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+import configs
 from nfnets import distributed
+from nfnets.errors import ConfigError
 from nfnets.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding configs/
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, 'configs', 'nfnet.py') + ':tiny'
 _GIVEN = {'config': False, 'overrides': False, 'default': DEFAULT_CONFIG}
 
@@ -35,6 +41,17 @@ def define_config_flag(help_text: str = 'Experiment config, as path:arg.',
   if 'config' in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS['config'])
   return config_flags.DEFINE_config_file('config', None, f'{help_text} Default: {default}', lock_config=True)
+
+
+def define_out_flag(help_text: str) -> flags.FlagHolder:
+  """`--out` (no default): where the command writes its results; `help_text` says what it writes there.
+
+  Idempotent, as `define_config_flag` is: several commands write to an --out of their own, and their modules can
+  be imported into one process (as the tests do); a process runs one command, whose help is the one shown.
+  """
+  if 'out' in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS['out'])
+  return flags.DEFINE_string('out', None, help_text)
 
 
 def define_distributed_flags() -> None:
@@ -78,6 +95,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     # The flag has no default of its own: ml_collections would load a default, and apply the command
     # line's overrides to it, while the flag is being defined, outside any error handling.
     argv = [argv[0], f'--config={_GIVEN["default"]}', *argv[1:]]
+  for arg in argv[1:]:
+    # An old field name in an override would otherwise read "no config field": say what it became.
+    flag, _, field = arg[2:].partition('=')[0].partition('.')
+    if arg.startswith('--') and field in configs.RENAMED_FIELDS and flag in flags.FLAGS:
+      print(f'error: bad command line: --{flag}.{field} was renamed: use {configs.RENAMED_FIELDS[field]}',
+            file=sys.stderr, flush=True)
+      sys.exit(2)
   try:
     remaining = flags.FLAGS(argv)
     # ml_collections applies --config.x overrides when the config is first read: read it here.
@@ -141,30 +165,5 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 def require_config_for_overrides() -> None:
   """For commands whose default config is the checkpoint's own: overrides must say what they override."""
-  from nfnets.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if _GIVEN['overrides'] and not _GIVEN['config']:
     raise ConfigError('--config.* overrides need --config (the config they override)')
-
-
-def config_for_checkpoint(flag_config: ml_collections.ConfigDict, loaded) -> ml_collections.ConfigDict:
-  """The config to evaluate or use checkpoint `loaded` (a `nfnets.checkpoint.Checkpoint`) with.
-
-  With --config, its model must not contradict the checkpoint's (one line otherwise), and the checkpoint's
-  model section is used. Without it: the run's own config for a project checkpoint, the family's published
-  recipe for a reference file (so it is evaluated at its variant's test resolution).
-  """
-  import configs  # pylint: disable=g-import-not-at-top
-  from nfnets import models  # pylint: disable=g-import-not-at-top
-  from nfnets.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  require_config_for_overrides()
-  if not config_given():
-    if loaded.config is not None:
-      return ml_collections.ConfigDict(loaded.config)
-    return configs.for_model(loaded.model_config)
-  problem = models.contradiction(flag_config.model.to_dict(), loaded.model_config)
-  if problem:
-    raise ConfigError(f'--config does not describe the model in {loaded.path} ({problem}); pass the matching '
-                      'config, or none to use the checkpoint\'s own')
-  config = ml_collections.ConfigDict(flag_config.to_dict())
-  config.model = ml_collections.ConfigDict(dict(loaded.model_config))
-  return config

@@ -8,22 +8,21 @@ crash. `write_tables` turns the results into `results.csv` and `results.md`. The
 remote (gs://): every path goes through `etils.epath`.
 """
 import copy
-import csv
 import dataclasses
-import io
 import json
 import math
 import time
 from typing import Any, Callable, Optional, Sequence
 
 from etils import epath
-import jax
 import ml_collections
 
+import configs
 from nfnets import files
 from nfnets import trainer
 from nfnets.errors import ConfigError
 from nfnets.errors import TrainingError
+from nfnets.studies import sweeps
 
 MODES = ('none', 'global_norm', 'agc')
 RESULT_FILE = 'result.json'
@@ -33,7 +32,8 @@ CHANCE_MARGIN = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One point of the grid. `clipping` is AGC's lambda, global_norm's threshold, and 0 for 'none'."""
+  """One point of the grid. `clipping` is the mode's threshold: AGC's lambda (config.optimizer.agc_lambda),
+  global_norm's (config.optimizer.global_norm_threshold), and 0 for 'none'. It is the results' `clipping` column."""
   mode: str
   clipping: float
   batch_size: int
@@ -79,8 +79,10 @@ def run_config(base: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections
   """`base` with the run's clipping, batch size and base learning rate."""
   config = copy.deepcopy(base)
   config.optimizer.clip_mode = spec.mode
-  if spec.mode != 'none':
-    config.optimizer.clipping = spec.clipping
+  if spec.mode == 'agc':
+    config.optimizer.agc_lambda = spec.clipping
+  elif spec.mode == 'global_norm':
+    config.optimizer.global_norm_threshold = spec.clipping
   config.train.batch_size = spec.batch_size
   config.optimizer.base_learning_rate = spec.learning_rate
   return config
@@ -153,7 +155,7 @@ def finished_result(config: ml_collections.ConfigDict, run_dir: str | epath.Path
   if not path.exists():
     return None
   result = json.loads(path.read_text())
-  if result['config'] != json.loads(config.to_json()):
+  if configs.upgrade(result['config']) != json.loads(config.to_json()):
     raise ConfigError(f'{run_dir} holds a finished run with a different config; use a new --workdir '
                       '(or the same config and overrides as before)')
   return result
@@ -178,9 +180,7 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[RunSpec], workdir:
     else:
       say(f'[{index}/{len(grid)}] {spec.name}: training in {run_dir}')
       result = run_one(config, spec, run_dir, train_fn)
-      # Every run compiles its own programs, and on CPU each holds thousands of memory mappings: a long
-      # sweep in one process would pass Linux's per-process limit (vm.max_map_count) and crash.
-      jax.clear_caches()
+      sweeps.release_compiled_programs()  # every run compiles its own
       if result is None:
         say(f'stopped by SIGTERM; rerun the same command to resume at {spec.name}')
         break
@@ -199,23 +199,20 @@ def _percent(value: Optional[float]) -> str:
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-  lines = ['| clipping | λ | batch | base lr (peak) | top-1 % | EMA top-1 % | diverged | clipped units % '
-           '| steps/s |',
-           '|---|---|---|---|---|---|---|---|---|']
+  header = ('clipping', 'λ', 'batch', 'base lr (peak)', 'top-1 %', 'EMA top-1 %', 'diverged', 'clipped units %',
+            'steps/s')
+  rows = []
   for r in results:
     clipping = {'agc': f'{r["clipping"]:g}', 'global_norm': f'norm ≤ {r["clipping"]:g}'}.get(r['mode'], '–')
     speed = '–' if r['steps_per_sec'] is None else f'{r["steps_per_sec"]:.1f}'
-    lines.append(f'| {r["mode"]} | {clipping} | {r["batch_size"]} | {r["learning_rate"]:g} '
-                 f'({r["peak_learning_rate"]:.3g}) | {_percent(r["top1"])} | {_percent(r["ema_top1"])} '
-                 f'| {"yes" if r["diverged"] else "no"} | {_percent(r["agc_clipped_fraction"])} | {speed} |')
-  return '\n'.join(lines) + '\n'
+    rows.append((r['mode'], clipping, str(r['batch_size']),
+                 f'{r["learning_rate"]:g} ({r["peak_learning_rate"]:.3g})', _percent(r['top1']),
+                 _percent(r['ema_top1']), 'yes' if r['diverged'] else 'no', _percent(r['agc_clipped_fraction']),
+                 speed))
+  return sweeps.markdown_table(header, rows)
 
 
 def write_tables(results: Sequence[dict[str, Any]], workdir: str | epath.PathLike) -> None:
   """`results.csv` (every number) and `results.md` (the table for a README)."""
-  text = io.StringIO()
-  writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction='ignore', lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(results)
-  files.write_atomic(epath.Path(workdir) / 'results.csv', text.getvalue())
+  files.write_atomic(epath.Path(workdir) / 'results.csv', sweeps.csv_text(results, CSV_COLUMNS))
   files.write_atomic(epath.Path(workdir) / 'results.md', markdown_table(results))

@@ -1,4 +1,4 @@
-"""Plots of an AGC ablation sweep (`nfnets.ablation`), drawn with matplotlib's Agg backend into PNG files."""
+"""Plots of an AGC ablation sweep (`nfnets.studies.ablation`), drawn with matplotlib's Agg backend into PNG files."""
 import collections
 import io
 import math
@@ -12,7 +12,7 @@ matplotlib.use('Agg')  # files only; no display needed
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from nfnets import ablation  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.studies import ablation  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REFERENCE_STYLES = {'none': ('s', 'no clipping'), 'global_norm': ('D', 'global-norm clip')}
 

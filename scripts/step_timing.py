@@ -1,4 +1,4 @@
-"""Times the real pmapped train and eval steps on one device; `scripts.benchmark` calls these.
+"""Times the real pmapped train and eval steps on one device: the library of `scripts.benchmark train|eval`.
 
 The steps are built exactly as the training loop builds them (`trainer.setup_training`,
 `train_state.create_train_state`, `trainer.pmap_train_step` / `pmap_eval_step`, pmapped over one device)
@@ -9,13 +9,11 @@ count of the compiled step, the achieved FLOP/s, the device's matmul peak measur
 in the step's dtype, their ratio (MFU), the peak host memory and the machine's load average. Nothing
 here is CPU-specific: on a GPU or TPU the same command reports the accelerator's figures.
 """
-import json
 import os
 import resource
 import statistics
-import subprocess
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +26,6 @@ from nfnets import train_step as train_step_lib
 from nfnets import trainer
 from nfnets.models import layers
 from nfnets.data import pipeline
-from nfnets.errors import ConfigError
-from nfnets.errors import UserError
 from scripts import step_memory
 
 
@@ -208,48 +204,3 @@ def run(kind: str, config: ml_collections.ConfigDict, *, steps: int, warmup: int
   report['peak_host_memory_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   report['load_average_1min'] = [round(load_at_start, 2), round(os.getloadavg()[0], 2)]
   return report
-
-
-# The batch-size sweep of scripts/accelerator_benchmark.py: one benchmark process per size, up to the first
-# that runs out of memory.
-OUT_OF_MEMORY_MARKERS = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory', 'OOM')
-
-
-def batch_sizes(values: Sequence[str]) -> list[int]:
-  try:
-    sizes = [int(v) for v in values]
-  except ValueError:
-    raise ConfigError(f'--batches must be integers, got {",".join(values)}') from None
-  if not sizes or any(b < 1 for b in sizes) or sizes != sorted(set(sizes)):
-    raise ConfigError(f'--batches must be positive and increasing, got {",".join(values)}')
-  return sizes
-
-
-def sweep_summary(fitted: list[dict[str, Any]], too_large: Optional[int]) -> dict[str, Any]:
-  best = max(fitted, key=lambda r: r['images_per_s']) if fitted else None
-  return {
-      'summary': 'accelerator_benchmark',
-      'batches_fitted': [r['batch_size'] for r in fitted],
-      'first_batch_not_fitting': too_large,
-      'best': None if best is None else {k: best[k] for k in (
-          'batch_size', 'dtype', 'resolution', 'device', 'step_s_median', 'images_per_s', 'mfu',
-          'achieved_flops_per_s', 'peak_matmul_flops_per_s', 'compile_s')},
-  }
-
-
-def sweep_batch_sizes(sizes: Sequence[int], run_one: Callable[[int], subprocess.CompletedProcess],
-          emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-  """Runs `run_one` for each batch size until one does not fit; emits each run's record, returns the summary."""
-  fitted, too_large = [], None
-  for batch in sizes:
-    result = run_one(batch)
-    if result.returncode != 0:
-      if any(marker in result.stderr for marker in OUT_OF_MEMORY_MARKERS):
-        too_large = batch
-        break
-      last = (result.stderr.strip().splitlines() or ['(no output)'])[-1]
-      raise UserError(f'batch {batch} failed: {last}')
-    record = json.loads(result.stdout.strip().splitlines()[-1])
-    fitted.append(record)
-    emit(record)
-  return sweep_summary(fitted, too_large)

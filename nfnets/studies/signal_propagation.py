@@ -7,8 +7,6 @@ Works for any model of the registry whose module, called with `return_metrics=Tr
 name with numbers compared as numbers (Haiku numbers repeated modules in creation order: nf_block, nf_block_1,
 ..., nf_block_10), because the dict's own order does not survive JAX's tree functions.
 """
-import csv
-import io
 import re
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -24,6 +22,7 @@ from nfnets.data import ops_image
 from nfnets.data import sources
 from nfnets.errors import ConfigError
 from nfnets.errors import UserError
+from nfnets.studies import sweeps
 
 # (metric key, panel title), in panel order.
 METRICS = (('avg_sq_mean', 'average squared channel mean'),
@@ -129,13 +128,11 @@ def block_order(name: str) -> list[Any]:
 
 def csv_text(series: Sequence[Series]) -> str:
   """One row per (model, block): label, block_index, block, and the three metrics."""
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator='\n')
-  writer.writerow(['model', 'block_index', 'block', *(key for key, _ in METRICS)])
-  for s in series:
-    for index, block in enumerate(s.blocks):
-      writer.writerow([s.label, index, block, *(repr(float(s.values[key][index])) for key, _ in METRICS)])
-  return buffer.getvalue()
+  columns = ('model', 'block_index', 'block', *(key for key, _ in METRICS))
+  records = [{'model': s.label, 'block_index': index, 'block': block,
+              **{key: repr(float(s.values[key][index])) for key, _ in METRICS}}
+             for s in series for index, block in enumerate(s.blocks)]
+  return sweeps.csv_text(records, columns)
 
 
 def plot(series: Sequence[Series], path: str, title: str = '') -> None:
