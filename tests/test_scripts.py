@@ -15,7 +15,6 @@ from sklearn.datasets import load_sample_image
 from configs import nfnet as nfnet_configs
 from nfnets import checkpoint
 from nfnets import cli
-from nfnets import models
 from scripts import classify
 from scripts import convert_checkpoint
 from tests import helpers
