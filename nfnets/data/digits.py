@@ -21,7 +21,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-DATASET_NAME = 'sklearn_digits'
+from nfnets.data import sources
+
+NAME = 'digits'  # its config.data.name
+DATASET_NAME = 'sklearn_digits'  # its TFDS name
 VERSION = '1.0.0'
 IMAGE_SIZE = 64
 NUM_CLASSES = 10
@@ -133,3 +136,25 @@ def prepare(data_dir: str | None = None) -> str:
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return data_dir
+
+
+def source(split: str, data_dir: str | None = None) -> sources.Source:
+  """The split (a TFDS split string), preparing the dataset first if this is its first use."""
+  return sources.tfds_source(DATASET_NAME, split, prepare(data_dir))
+
+
+DATASET = sources.register(sources.Dataset(
+    name=NAME,
+    num_classes=NUM_CLASSES,
+    num_examples=NUM_EXAMPLES,
+    source=source,
+    preparation=f'nothing to do: built from scikit-learn\'s copy on first use (under ${DATA_DIR_ENV} or '
+                '~/.cache/nfnets/tensorflow_datasets unless config.data.data_dir says otherwise)',
+    data_config={
+        'train_split': 'train',
+        'eval_split': 'test',
+        'crop_min_area': 0.6,
+        'flip': False,           # a mirrored digit is a different symbol
+        'mix': 'none',
+    },
+))
