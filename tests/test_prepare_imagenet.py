@@ -1,4 +1,5 @@
-"""ImageNet's preparation (nfnets.data.imagenet, run by scripts/prepare_imagenet.py) on a tiny fake ILSVRC2012 laid out like the real archives."""
+"""ImageNet's preparation (nfnets.data.imagenet, the work of scripts/prepare_imagenet.py) on a tiny fake
+ILSVRC2012 laid out like the real archives."""
 import io
 import os
 import tarfile
