@@ -3,7 +3,8 @@
 The 1797 8x8 grey images of `sklearn.datasets.load_digits` (10 classes) are upscaled to RGB
 (bicubic, `IMAGE_SIZE` pixels a side), encoded as PNG and written once, offline, in TFDS's
 array_record format. The result is read with `tfds.data_source` exactly like ImageNet, so a tiny
-run exercises the same input pipeline as a full one.
+run exercises the same input pipeline as a full one. Registered as `config.data.name='digits'`; the first
+read prepares it.
 
 The train/test split is fixed (stratified, seeded), so every machine builds identical splits.
 Preparation writes into a private temporary directory and publishes the finished version
