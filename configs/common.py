@@ -6,6 +6,7 @@ differs. Every value is typed by its default, so a command-line override of the 
 import ml_collections
 
 from nfnets import models
+from nfnets.data import sources
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -31,7 +32,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
 
 def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      name='imagenet2012',        # 'imagenet2012' | 'digits' | 'synthetic'
+      name='imagenet2012',        # a registered dataset (nfnets/data/sources.py) or 'tfds:NAME'
       data_dir=ml_collections.config_dict.placeholder(str),  # None: the dataset's default location
       train_split='train',
       eval_split='validation',
@@ -92,18 +93,15 @@ def base_config(model_name: str, variant: str) -> ml_collections.ConfigDict:
   return config
 
 
-def use_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Points `config` at the bundled digits dataset with the augmentations that suit it; returns it.
-
-  Resolution, RandAugment and the rest of the recipe stay the caller's.
+def use_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Points `config` at the registered dataset `name`: its class count, splits and the preprocessing that
+  suits it (`Dataset.data_config`); returns it. Resolution, RandAugment and the rest of the recipe stay the
+  caller's.
   """
-  config.model.num_classes = 10
-  config.data.name = 'digits'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'test'
-  config.data.crop_min_area = 0.6
-  config.data.flip = False           # a mirrored digit is a different symbol
-  config.data.mix = 'none'
+  dataset = sources.get_dataset(name)
+  config.model.num_classes = dataset.num_classes
+  config.data.name = name
+  config.data.update(dataset.data_config)
   return config
 
 
@@ -112,7 +110,7 @@ def digits_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
   The model stays the caller's to shrink (and to give 10 classes); so do the family's optimiser numbers.
   """
-  use_digits(config)
+  use_dataset(config, 'digits')
   config.data.train_resolution = 32
   config.data.eval_resolution = 32
   config.data.eval_resize_margin = 0

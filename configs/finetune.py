@@ -42,7 +42,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
       # stays bitwise as loaded.
       freeze_backbone=False,
   ))
-  common.use_digits(config)
+  common.use_dataset(config, 'digits')
   config.data.randaugment_layers = 0
 
   config.optimizer.base_learning_rate *= LEARNING_RATE_FACTOR

@@ -68,13 +68,14 @@ def init_train_state(forward: hk.TransformedWithState, optimizer: optax.Gradient
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 pixels -> float32 (x - mean) / std, the same float32 operations as `ops_image.normalize`.
+  """Pixels on the 0-255 scale -> float32 (x - mean) / std, the same float32 operations as `ops_image.normalize`.
 
-  Training batches arrive as uint8 (a quarter of the bytes of float32 to copy to the device);
-  anything else is taken as already normalised.
+  Batches carry pixels, never normalised images: training batches as uint8 (a quarter of the bytes of float32
+  to copy to the device), evaluation batches as float32, because the reference's evaluation resize keeps its
+  fractional, unclipped values (docs/data.md).
   """
-  if images.dtype != jnp.uint8:
-    return images
+  if images.dtype not in (jnp.uint8, jnp.float32):
+    raise TypeError(f'images must be uint8 or float32 pixels on the 0-255 scale, got {images.dtype}')
   mean = jnp.asarray(ops_image.MEAN_RGB, jnp.float32)
   inv_stddev = jnp.asarray(ops_image.INV_STDDEV_RGB, jnp.float32)
   return (images.astype(jnp.float32) - mean) * inv_stddev
@@ -175,6 +176,9 @@ def make_train_step(forward: hk.TransformedWithState,
     return grads, loss, top1, model_state
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, Metrics]:
+    if batch['images'].dtype != jnp.uint8:
+      raise TypeError(f'training images must be uint8 pixels, as the input pipeline makes them (the step '
+                      f'normalises them); got {batch["images"].dtype}')
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(axis_name))
     loss_scale = None
     if loss_scaling:
@@ -277,12 +281,13 @@ def make_eval_step(forward: hk.TransformedWithState,
                    axis_name: str = AXIS_NAME) -> Callable[[dict, Any], Metrics]:
   """Per-device eval over several weight sets at once (e.g. raw and EMA), reading each batch once.
 
-  `eval_step(weight_sets, batch)` takes `{prefix: (params, model_state)}` and returns, summed over the
-  devices, the unmasked example count and `{prefix}top1` / `{prefix}top5` hit counts.
+  `eval_step(weight_sets, batch)` takes `{prefix: (params, model_state)}` and a batch of pixels (uint8 or
+  float32, normalised here as the train step normalises) and returns, summed over the devices, the unmasked
+  example count and `{prefix}top1` / `{prefix}top5` hit counts.
   """
 
   def hits(params, model_state, batch):
-    logits, _ = forward.apply(params, model_state, None, batch['images'], is_training=False)
+    logits, _ = forward.apply(params, model_state, None, normalize_images(batch['images']), is_training=False)
     mask = batch['mask']
     return {
         'top1': jnp.sum(mask * losses.topk_correct(logits, batch['labels'], 1)),

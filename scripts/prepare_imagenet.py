@@ -4,119 +4,28 @@ r"""One-time ImageNet preparation: the ILSVRC2012 tars -> TFDS imagenet2012 in a
   python -m scripts.prepare_imagenet --manual_dir ~/imagenet_tars --config configs/nfnet.py:F0 \
       --config.data.data_dir=gs://bucket/tensorflow_datasets
 
-`--manual_dir` holds the archives downloaded from image-net.org: ILSVRC2012_img_train.tar
-(1000 per-synset tars inside) and ILSVRC2012_img_val.tar (flat JPEGs); ILSVRC2012_img_test.tar is
-optional. A missing archive skips its split. Full ImageNet needs ~150 GB free under --data_dir.
-
-TFDS's own imagenet2012 builder does the work, so the output is the standard dataset (same
-examples, order, labels and JPEG bytes). That builder reaches for TensorFlow in a few places
-(`tf.io.gfile` for file access, `tf.image` to re-encode 22 CMYK JPEGs and one PNG); when
-TensorFlow is not installed those calls are routed to etils.epath and Pillow instead, so no
-TensorFlow is needed. With TensorFlow installed, TFDS runs unmodified.
+`--manual_dir` holds the archives downloaded from image-net.org (ILSVRC2012_img_train.tar and/or
+ILSVRC2012_img_val.tar). The work is `nfnets.data.imagenet.prepare`; its docstring says what it builds.
 """
-import io
-import os
-import types
-
 from absl import app
 from absl import flags
-from etils import epath
-from PIL import Image
 
 from nfnets import cli
-from nfnets.errors import DataNotFoundError
-
-TRAIN_TAR = 'ILSVRC2012_img_train.tar'
-VAL_TAR = 'ILSVRC2012_img_val.tar'
-TEST_TAR = 'ILSVRC2012_img_test.tar'
+from nfnets.data import imagenet
 
 _MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, f'Directory holding {TRAIN_TAR} and/or {VAL_TAR}.')
+    'manual_dir', None, f'Directory holding {imagenet.TRAIN_TAR} and/or {imagenet.VAL_TAR}.')
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'TFDS data directory to write to (default: $TFDS_DATA_DIR or '
     '~/tensorflow_datasets, or --config\'s data.data_dir); point config.data.data_dir here.')
 _CONFIG = cli.define_config_flag('Config whose data.data_dir to prepare, when --data_dir is not given.')
 
 
-def _as_text(value: bytes | str) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else value
-
-
-def _gfile(path, mode: str = 'r'):
-  return epath.Path(path).open(mode)
-
-
-def _gfile_exists(path) -> bool:
-  return epath.Path(path).exists()
-
-
-# Just the slice of the TensorFlow API that TFDS's imagenet2012 preparation touches.
-_TF_SHIM = types.SimpleNamespace(
-    io=types.SimpleNamespace(gfile=types.SimpleNamespace(exists=_gfile_exists, GFile=_gfile)),
-    compat=types.SimpleNamespace(as_text=_as_text),
-)
-
-
-def _reencode_as_rgb_jpeg(image_bytes: bytes, quality: int = 100) -> bytes:
-  # Pillow converts CMYK (including Adobe's inverted CMYK JPEGs) and PNG to RGB, as tf.image did.
-  with Image.open(io.BytesIO(image_bytes)) as image:
-    rgb = image.convert('RGB')
-  buffer = io.BytesIO()
-  rgb.save(buffer, format='JPEG', quality=quality)
-  return buffer.getvalue()
-
-
-def tensorflow_available() -> bool:
-  """Whether TensorFlow can be imported (then TFDS needs no help)."""
-  try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
-
-
-def install_tensorflow_free_io() -> None:
-  """Routes the TF calls of TFDS's imagenet2012 preparation to etils.epath and Pillow."""
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.core.download import extractor
-  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder
-  from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
-  for module in (imagenet2012_dataset_builder, imagenet_common, extractor):
-    module.tf = _TF_SHIM
-  tfds.core.utils.jpeg_cmyk_to_rgb = _reencode_as_rgb_jpeg
-  tfds.core.utils.png_to_jpeg = _reencode_as_rgb_jpeg
-
-
-def prepare_imagenet(manual_dir: str, data_dir: str | None = None) -> str:
-  """Builds imagenet2012 (array_record) from the tars in `manual_dir`; returns the data dir.
-
-  Raises:
-    DataNotFoundError: `manual_dir` holds neither the train nor the validation archive.
-  """
-  import tensorflow_datasets as tfds
-  manual_dir = os.path.expanduser(manual_dir)
-  if not any((epath.Path(manual_dir) / name).is_file() for name in (TRAIN_TAR, VAL_TAR)):
-    raise DataNotFoundError(
-        f'Neither {TRAIN_TAR} nor {VAL_TAR} is in --manual_dir={manual_dir}; download them from '
-        'https://image-net.org/download-images into that directory.')
-  data_dir = os.path.expanduser(
-      data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
-  if not tensorflow_available():
-    install_tensorflow_free_io()
-  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder
-  builder = imagenet2012_dataset_builder.Builder(data_dir=data_dir)
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=manual_dir, try_download_gcs=False))
-  return data_dir
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  data_dir = prepare_imagenet(_MANUAL_DIR.value, _DATA_DIR.value or _CONFIG.value.data.data_dir)
-  print(f'imagenet2012 is ready; train with config.data.data_dir={data_dir}')
+  data_dir = imagenet.prepare(_MANUAL_DIR.value, _DATA_DIR.value or _CONFIG.value.data.data_dir)
+  print(f'{imagenet.NAME} is ready; train with config.data.data_dir={data_dir}')
 
 
 if __name__ == '__main__':

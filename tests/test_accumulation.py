@@ -17,6 +17,7 @@ from nfnets import distributed
 from nfnets import losses
 from nfnets import optim
 from nfnets import train_step as train_step_lib
+from nfnets.data import ops_image
 from nfnets.errors import ConfigError
 
 RES = 8
@@ -72,7 +73,10 @@ def _build(model_fn, optimizer_config, accumulation_steps, loss_scale_period=Non
 def _batch(num_devices, per_device, seed):
   rng = np.random.default_rng(seed)
   n = num_devices * per_device
-  images = rng.normal(size=(num_devices, per_device, RES, RES, 3)).astype(np.float32)
+  # uint8 pixels, as the pipeline sends them, that the step normalises to about N(0, 1) (AGC's clipped
+  # fraction below depends on their scale).
+  normal = rng.normal(size=(num_devices, per_device, RES, RES, 3))
+  images = np.clip(np.rint(ops_image.MEAN_RGB + ops_image.STDDEV_RGB * normal), 0, 255).astype(np.uint8)
   labels = np.eye(NUM_CLASSES, dtype=np.float32)[rng.integers(0, NUM_CLASSES, n)]
   return {'images': images, 'labels': labels.reshape(num_devices, per_device, NUM_CLASSES)}
 
@@ -149,7 +153,7 @@ def test_four_micro_batches_take_the_update_of_the_whole_batch_with_agc_clipping
 
   def grads(images, labels):
     def loss(params):
-      logits, _ = forward.apply(params, state.model_state, None, images, is_training=True)
+      logits, _ = forward.apply(params, state.model_state, None, ops_image.normalize(images), is_training=True)
       return losses.softmax_cross_entropy(logits, labels, label_smoothing=0.1)
     return jax.grad(loss)(state.params)
 

@@ -12,7 +12,7 @@ from configs import nfnet as nfnet_configs
 from nfnets import checkpoint
 from nfnets import models
 from nfnets import trainer
-from nfnets.data import sources
+from nfnets.data import synthetic
 from tests import tiny_setup
 from tests.helpers import REPO_ROOT
 
@@ -25,7 +25,7 @@ def pretrained(tmp_path_factory):
   config = tiny_setup.tiny_config()
   config.data.name = 'synthetic'
   # Three warmup steps as on the digits, so that this is the other tests' train step, from the compile cache.
-  config.optimizer.warmup_epochs = 3 * tiny_setup.BATCH_SIZE / sources.SYNTHETIC_NUM_EXAMPLES['train']
+  config.optimizer.warmup_epochs = 3 * tiny_setup.BATCH_SIZE / synthetic.NUM_EXAMPLES['train']
   workdir = tmp_path_factory.mktemp('pretrained')
   results = trainer.train_and_evaluate(config, workdir)
   assert results['top1'] > 0.5  # it learnt the synthetic task

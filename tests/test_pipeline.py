@@ -60,10 +60,10 @@ class IndexCodedSource:
 
 
 def _ids(images):
-  """Example indices of a batch of flat images from IndexCodedSource (uint8, or normalised)."""
+  """Example indices of a batch of flat images from IndexCodedSource (uint8 or float32 pixels)."""
   flat = images.reshape(-1, *images.shape[-3:])
   if flat.dtype != np.uint8:
-    flat = np.rint(flat * ops_image.STDDEV_RGB + ops_image.MEAN_RGB)
+    flat = np.rint(flat)
   return list(_index(flat[:, 0, 0]))
 
 
@@ -314,8 +314,9 @@ def test_eval_matches_the_direct_transform_on_digits(tmp_path):
   mask = np.concatenate([b['mask'].reshape(-1) for b in batches])
   assert mask.sum() == len(source) and np.all(mask[:len(source)] == 1)
   for index in (0, 17, len(source) - 1):
+    # Pixels, not normalised: the eval step normalises them on the device.
     np.testing.assert_array_equal(images[index],
-                                  ops_image.eval_image(source[index]['image'], 24, margin=4))
+                                  ops_image.eval_pixels(source[index]['image'], 24, margin=4))
     assert labels[index] == source[index]['label']
   train = next(_train(config.copy_and_resolve_references(), global_batch_size=8))
   assert train['images'].shape == (2, 4, 16, 16, 3)

@@ -1,4 +1,5 @@
-"""scripts/prepare_imagenet.py on a tiny fake ILSVRC2012 laid out like the real archives."""
+"""ImageNet's preparation (nfnets.data.imagenet, the work of scripts/prepare_imagenet.py) on a tiny fake
+ILSVRC2012 laid out like the real archives."""
 import io
 import os
 import tarfile
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from nfnets.data import sources
-from scripts import prepare_imagenet
+from nfnets.data import imagenet
 
 SYNSETS = ('n01440764', 'n01443537', 'n01739381')
 # TFDS re-encodes this known CMYK file of the real train set; the fake one is CMYK too.
@@ -34,7 +35,7 @@ def _add(tar, name, payload):
 def _make_fake_archives(manual_dir):
   rng = np.random.default_rng(0)
   train_images = {}
-  with tarfile.open(manual_dir / prepare_imagenet.TRAIN_TAR, 'w') as outer:
+  with tarfile.open(manual_dir / imagenet.TRAIN_TAR, 'w') as outer:
     for synset in SYNSETS:
       inner_bytes = io.BytesIO()
       with tarfile.open(fileobj=inner_bytes, mode='w') as inner:
@@ -48,7 +49,7 @@ def _make_fake_archives(manual_dir):
   val_images = {}
   # TFDS labels validation images by their position in sorted order, so the fake val set must
   # hold the first names; writing them unsorted checks that the sorting is TFDS's, not ours.
-  with tarfile.open(manual_dir / prepare_imagenet.VAL_TAR, 'w') as val:
+  with tarfile.open(manual_dir / imagenet.VAL_TAR, 'w') as val:
     for k in reversed(range(1, NUM_VAL + 1)):
       name = f'ILSVRC2012_val_{k:08d}.JPEG'
       val_images[name] = _jpeg(rng)
@@ -73,7 +74,7 @@ def test_prepares_fake_imagenet_and_reads_it_back(tmp_path):
   manual_dir = tmp_path / 'manual'
   manual_dir.mkdir()
   train_images, val_images = _make_fake_archives(manual_dir)
-  data_dir = prepare_imagenet.prepare_imagenet(str(manual_dir), str(tmp_path / 'tfds'))
+  data_dir = imagenet.prepare(str(manual_dir), str(tmp_path / 'tfds'))
 
   config = ml_collections.ConfigDict({'name': 'imagenet2012', 'data_dir': data_dir})
   label_names = _tfds_label_names()
@@ -104,11 +105,11 @@ def test_prepares_fake_imagenet_and_reads_it_back(tmp_path):
 
 def test_missing_archives_give_one_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar nor'):
-    prepare_imagenet.prepare_imagenet(str(tmp_path), str(tmp_path / 'tfds'))
+    imagenet.prepare(str(tmp_path), str(tmp_path / 'tfds'))
 
 
 def test_reencoding_turns_cmyk_into_rgb_jpeg():
   cmyk = _jpeg(np.random.default_rng(1), 'CMYK')
   assert Image.open(io.BytesIO(cmyk)).mode == 'CMYK'
-  fixed = Image.open(io.BytesIO(prepare_imagenet._reencode_as_rgb_jpeg(cmyk)))
+  fixed = Image.open(io.BytesIO(imagenet.reencode_as_rgb_jpeg(cmyk)))
   assert (fixed.format, fixed.mode) == ('JPEG', 'RGB')

@@ -11,8 +11,8 @@ import pytest
 from configs import nfnet as nfnet_configs
 from nfnets import checkpoint
 from nfnets import models
+from nfnets.data import imagenet
 from scripts import convert_checkpoint
-from scripts import prepare_imagenet
 from scripts import reproduce_table
 from tests import helpers
 from tests import test_prepare_imagenet as fake_imagenet
@@ -32,7 +32,7 @@ def imagenet_dir(tmp_path_factory):
   """A prepared fake imagenet2012 whose validation split holds 5 images, and their labels."""
   manual_dir = tmp_path_factory.mktemp('manual')
   fake_imagenet._make_fake_archives(manual_dir)
-  data_dir = prepare_imagenet.prepare_imagenet(str(manual_dir), str(tmp_path_factory.mktemp('tfds')))
+  data_dir = imagenet.prepare(str(manual_dir), str(tmp_path_factory.mktemp('tfds')))
   names = fake_imagenet._tfds_label_names()
   labels = [names.index(synset) for synset in fake_imagenet._validation_label_lines()[:fake_imagenet.NUM_VAL]]
   return data_dir, np.array(labels)

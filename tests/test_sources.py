@@ -1,4 +1,6 @@
-"""Data sources: the bundled digits dataset, the synthetic source and missing-data errors."""
+"""Data sources: the dataset registry, the bundled digits dataset, the synthetic source, the generic TFDS path
+and missing-data errors."""
+import dataclasses
 import io
 import json
 import os
@@ -9,8 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from nfnets.data import digits
+from nfnets.data import imagenet
 from nfnets.data import sources
+from nfnets.data import synthetic
 
 
 def _data_config(name, data_dir=None):
@@ -100,7 +105,7 @@ def test_synthetic_source_is_deterministic_balanced_and_split_specific():
   train = sources.get_source(config, 'train')
   again = sources.get_source(config, 'train')
   test = sources.get_source(config, 'test')
-  assert len(train) == sources.SYNTHETIC_NUM_EXAMPLES['train']
+  assert len(train) == synthetic.NUM_EXAMPLES['train']
   assert train[5] == again[5]
   assert train[5]['image'] != test[5]['image']
   image = _decode(train[3]['image'])
@@ -149,7 +154,7 @@ def test_imagenet_in_tfrecord_format_is_reported(tmp_path):
 
 def test_imagenet_default_dir_and_info(monkeypatch, tmp_path):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path))
-  assert sources.imagenet_default_data_dir() == str(tmp_path)
+  assert sources.tfds_default_data_dir() == str(tmp_path)
   info = sources.dataset_info(_data_config('imagenet2012'))
   assert info.num_classes == 1000 and info.num_examples['train'] == 1_281_167
   assert info.num_examples['validation'] == 50_000
@@ -168,7 +173,56 @@ def test_any_tfds_dataset_prepared_as_array_record_is_read_by_name(digits_dir, t
 
 
 def test_unknown_dataset_and_split_are_rejected():
-  with pytest.raises(ValueError, match='Unknown dataset'):
+  with pytest.raises(ValueError, match='Unknown dataset') as error:
     sources.get_source(_data_config('cifar10'), 'train')
+  # One line that lists every registered dataset and the generic path.
+  assert "'cifar10'" in str(error.value) and '\n' not in str(error.value)
+  assert 'digits, imagenet2012, synthetic, or tfds:NAME' in str(error.value)
   with pytest.raises(ValueError, match='Unknown synthetic split'):
     sources.get_source(_data_config('synthetic'), 'train[:10%]')
+
+
+def test_registered_datasets_are_found_with_their_splits_and_classes():
+  assert set(sources.dataset_names()) >= {'imagenet2012', 'digits', 'synthetic'}
+  expected = {
+      'imagenet2012': (imagenet.DATASET, 1000, {'train': 1_281_167, 'validation': 50_000, 'test': 100_000}),
+      'digits': (digits.DATASET, 10, {'train': 1437, 'test': 360}),
+      'synthetic': (synthetic.DATASET, 10, {'train': 1024, 'validation': 256, 'test': 256}),
+  }
+  for name, (dataset, num_classes, num_examples) in expected.items():
+    assert sources.get_dataset(name) is dataset and dataset.name == name
+    # dataset_info needs no data on disk for a registered dataset (no data_dir here exists).
+    info = sources.dataset_info(_data_config(name, '/nonexistent'))
+    assert info == sources.DatasetInfo(num_classes, num_examples)
+    assert dataset.data_config['train_split'] in num_examples
+    assert dataset.data_config['eval_split'] in num_examples
+  with pytest.raises(ValueError, match='registered twice'):
+    sources.register(synthetic.DATASET)
+
+
+def test_a_new_dataset_is_one_registration(monkeypatch):
+  """Registering a `Dataset` is all it takes: the config helper, dataset_info and get_source find it."""
+  monkeypatch.setattr(sources, '_DATASETS', dict(sources._DATASETS))  # pylint: disable=protected-access
+  shapes = synthetic.SyntheticSource(12, num_classes=3, image_size=16)
+  sources.register(sources.Dataset(
+      name='three_shapes', num_classes=3, num_examples={'train': 12, 'eval': 12},
+      source=lambda split, data_dir: shapes, preparation='nothing to prepare',
+      data_config={'train_split': 'train', 'eval_split': 'eval', 'flip': False}))
+  config = common.use_dataset(common.base_config('nfnet', 'F0'), 'three_shapes')
+  assert (config.model.num_classes, config.data.name, config.data.eval_split, config.data.flip) == (
+      3, 'three_shapes', 'eval', False)
+  assert sources.dataset_info(config.data) == sources.DatasetInfo(3, {'train': 12, 'eval': 12})
+  assert sources.get_source(config.data, 'train') is shapes
+  assert 'three_shapes' in sources.dataset_names()
+  with pytest.raises(ValueError, match='tfds: prefix'):
+    sources.register(dataclasses.replace(sources.get_dataset('three_shapes'), name='tfds:shapes'))
+
+
+def test_use_dataset_gives_digits_its_classes_splits_and_preprocessing():
+  config = common.use_dataset(common.base_config('nfnet', 'F0'), 'digits')
+  assert config.model.num_classes == 10 and config.data.name == 'digits'
+  assert (config.data.train_split, config.data.eval_split) == ('train', 'test')
+  assert (config.data.crop_min_area, config.data.flip, config.data.mix) == (0.6, False, 'none')
+  # ImageNet's own entries are the recipe's defaults.
+  imagenet_config = common.use_dataset(common.base_config('nfnet', 'F0'), 'imagenet2012')
+  assert imagenet_config.to_dict() == common.base_config('nfnet', 'F0').to_dict()

@@ -4,14 +4,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from nfnets import distributed
+from nfnets import evaluate
 from nfnets import losses
 from nfnets import optim
 from nfnets import train_step as train_step_lib
 from nfnets import train_state
 from nfnets import trainer
+from nfnets.data import digits
 from nfnets.data import ops_image
+from nfnets.data import pipeline
+from nfnets.data import sources
 from tests import tiny_setup
 
 RES = tiny_setup.RESOLUTION
@@ -29,7 +34,7 @@ def _setup(config=None):
 def _batch(num_devices, per_device, seed=0):
   rng = np.random.default_rng(seed)
   n = num_devices * per_device
-  images = rng.normal(size=(n, RES, RES, 3)).astype(np.float32)
+  images = rng.integers(0, 256, size=(n, RES, RES, 3), dtype=np.uint8)  # pixels, as the pipeline sends them
   labels = np.eye(NUM_CLASSES, dtype=np.float32)[rng.integers(0, NUM_CLASSES, n)]
   return {'images': images.reshape(num_devices, per_device, RES, RES, 3),
           'labels': labels.reshape(num_devices, per_device, NUM_CLASSES)}
@@ -72,7 +77,7 @@ def test_a_step_applies_exactly_the_recipe_to_the_gradient_of_the_loss():
   batch = _batch(1, 2 * PER_DEVICE, seed=4)
   stepped, metrics = _run(step_fn, state, [batch], jax.local_devices()[:1])
 
-  images, labels = batch['images'][0], batch['labels'][0]
+  images, labels = ops_image.normalize(batch['images'][0]), batch['labels'][0]
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
 
   def loss_fn(params):
@@ -115,7 +120,7 @@ def test_nonfinite_batch_skips_the_update_and_counts_it():
   _, state, step_fn = _setup()
   state, _ = _run(step_fn, state, [_batch(2, PER_DEVICE, seed=1)], jax.local_devices())
   bad = _batch(2, PER_DEVICE, seed=2)
-  bad['images'][1, 0, 0, 0, 0] = np.nan  # one pixel on one device poisons the averaged gradient
+  bad['labels'][1, 0, 0] = np.nan  # one target on one device poisons the averaged gradient
   after, metrics = _run(step_fn, state, [bad, bad], jax.local_devices())
   assert float(metrics['finite']) == 0.0
   assert int(after.nonfinite_streak) == 2
@@ -201,7 +206,8 @@ def test_eval_step_counts_only_unmasked_examples():
   assert sums['top1'] <= sums['top5'] <= mask.sum()
   # Hits are counted on the unmasked examples alone.
   logits, _ = jax.jit(forward.apply, static_argnames='is_training')(
-      state.params, state.model_state, None, batch['images'].reshape(-1, RES, RES, 3), is_training=False)
+      state.params, state.model_state, None, ops_image.normalize(batch['images'].reshape(-1, RES, RES, 3)),
+      is_training=False)
   expected_top1 = np.sum((np.argmax(logits, -1) == labels.reshape(-1)) * mask.reshape(-1))
   assert sums['top1'] == expected_top1
 
@@ -211,6 +217,10 @@ def test_uint8_batches_are_normalised_in_the_step_exactly_as_on_the_host():
   pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8, 3), dtype=np.uint8)
   host = ops_image.normalize(pixels)
   np.testing.assert_array_equal(jax.jit(train_step_lib.normalize_images)(pixels), host)
+  # Evaluation's float32 pixels (fractional, overshooting [0, 255]) likewise.
+  fractional = np.random.default_rng(1).uniform(-20, 275, (2, 3, 8, 8, 3)).astype(np.float32)
+  np.testing.assert_array_equal(jax.jit(train_step_lib.normalize_images)(fractional),
+                                ops_image.normalize(fractional))
   forward = hk.transform_with_state(
       lambda images, is_training: hk.Linear(NUM_CLASSES)(images.reshape(images.shape[0], -1)))
   optimizer = optax.sgd(0.1)
@@ -220,11 +230,60 @@ def test_uint8_batches_are_normalised_in_the_step_exactly_as_on_the_host():
   labels = np.eye(NUM_CLASSES, dtype=np.float32)[np.arange(6).reshape(2, 3) % NUM_CLASSES]
   from_uint8, metrics_uint8 = _run(step, state, [{'images': pixels, 'labels': labels}],
                                    jax.local_devices())
-  from_float, metrics_float = _run(step, state, [{'images': host, 'labels': labels}],
-                                   jax.local_devices())
-  assert float(metrics_uint8['loss']) == float(metrics_float['loss'])
-  for a, b in zip(jax.tree.leaves(from_uint8.params), jax.tree.leaves(from_float.params)):
-    np.testing.assert_array_equal(a, b)
+  # The same step on host-normalised images, computed as the step did before it required pixels.
+  grads = jax.grad(lambda p: losses.softmax_cross_entropy(
+      forward.apply(p, {}, None, host.reshape(6, 8, 8, 3), is_training=True)[0], labels.reshape(6, -1),
+      label_smoothing=0.1))(state.params)
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+  for a, b in zip(jax.tree.leaves(from_uint8.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert np.isfinite(float(metrics_uint8['loss']))
+
+
+def test_the_train_step_refuses_images_that_are_not_uint8_pixels():
+  _, state, step_fn = _setup()
+  batch = _batch(2, PER_DEVICE)
+  batch['images'] = ops_image.normalize(batch['images'])  # already normalised: it would be normalised twice
+  with pytest.raises(TypeError, match='training images must be uint8 pixels.*got float32'):
+    _run(step_fn, state, [batch], jax.local_devices())
+  with pytest.raises(TypeError, match='uint8 or float32 pixels'):
+    train_step_lib.normalize_images(jnp.zeros((1, 2, 2, 3), jnp.int32))
+
+
+def test_evaluation_of_device_normalised_pixels_equals_the_host_normalised_path_bitwise(tmp_path):
+  """The eval pipeline sends pixels that the eval step normalises: logits and accuracies must be exactly those
+  of the former path, images normalised on the host (`ops_image.eval_image`) and fed to the model as they are."""
+  config = tiny_setup.tiny_config()
+  config.data.data_dir = digits.prepare(str(tmp_path))
+  forward, state, _ = _setup()
+  # Random weights everywhere (a fresh NFNet's classifier is zero: every logit would be 0).
+  noise = iter(np.random.default_rng(0).normal(size=10 ** 6).astype(np.float32))
+  params = jax.tree.map(lambda p: p + 0.2 * np.fromiter(noise, np.float32, p.size).reshape(p.shape), state.params)
+  weight_sets = {'': (params, state.model_state)}
+  batches = list(pipeline.make_eval_iterator(config.data, global_batch_size=tiny_setup.EVAL_BATCH_SIZE))
+  source = sources.get_source(config.data, config.data.eval_split)
+
+  apply = jax.pmap(lambda images: forward.apply(params, state.model_state, None, images, is_training=False)[0])
+  on_device = jax.pmap(lambda pixels: forward.apply(
+      params, state.model_state, None, train_step_lib.normalize_images(pixels), is_training=False)[0])
+  old_logits, new_logits = [], []
+  for batch in batches:
+    old_logits.append(apply(ops_image.normalize(batch['images'])).reshape(-1, NUM_CLASSES))
+    new_logits.append(on_device(batch['images']).reshape(-1, NUM_CLASSES))
+  real = np.concatenate([b['mask'].reshape(-1) for b in batches]) == 1
+  old_logits, new_logits = np.concatenate(old_logits)[real], np.concatenate(new_logits)[real]
+  # The former batches: every real image through the host's eval_image, exactly.
+  first = ops_image.eval_image(source[0]['image'], config.data.eval_resolution, config.data.eval_resize_margin)
+  np.testing.assert_array_equal(ops_image.normalize(batches[0]['images'][0, 0]), first)
+  np.testing.assert_array_equal(new_logits, old_logits)
+  assert len(np.unique(np.argmax(old_logits, -1))) > 1  # the weights tell the images apart
+
+  labels = np.array([source[i]['label'] for i in range(len(source))])
+  old_top1 = np.sum(np.argmax(old_logits, -1) == labels) / len(source)
+  old_top5 = np.sum(np.asarray(losses.topk_correct(old_logits, labels, 5))) / len(source)
+  results = evaluate.evaluate(trainer.pmap_eval_step(config),
+                              distributed.replicate(weight_sets, train_step_lib.AXIS_NAME), batches)
+  assert results == {'top1': old_top1, 'top5': old_top5, 'num_examples': len(source)}
 
 
 def test_sum_of_squares_sees_every_leaf_and_turns_nonfinite_with_any_of_them():

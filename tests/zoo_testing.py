@@ -45,7 +45,7 @@ def check_signal_propagation(model_config, alpha: float, num_images: int = 32):
 def random_batch(num_devices: int = 2, per_device: int = tiny_setup.BATCH_SIZE // 2, seed: int = 0):
   """A digits-shaped batch, laid out as the trainer feeds the pmapped step."""
   rng = np.random.default_rng(seed)
-  images = rng.normal(size=(num_devices, per_device, 32, 32, 3)).astype(np.float32)
+  images = rng.integers(0, 256, size=(num_devices, per_device, 32, 32, 3), dtype=np.uint8)  # pixels
   labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, (num_devices, per_device))]
   return {'images': images, 'labels': labels}
 

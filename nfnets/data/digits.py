@@ -3,7 +3,8 @@
 The 1797 8x8 grey images of `sklearn.datasets.load_digits` (10 classes) are upscaled to RGB
 (bicubic, `IMAGE_SIZE` pixels a side), encoded as PNG and written once, offline, in TFDS's
 array_record format. The result is read with `tfds.data_source` exactly like ImageNet, so a tiny
-run exercises the same input pipeline as a full one.
+run exercises the same input pipeline as a full one. Registered as `config.data.name='digits'`; the first
+read prepares it.
 
 The train/test split is fixed (stratified, seeded), so every machine builds identical splits.
 Preparation writes into a private temporary directory and publishes the finished version
@@ -21,7 +22,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-DATASET_NAME = 'sklearn_digits'
+from nfnets.data import sources
+
+NAME = 'digits'  # its config.data.name
+DATASET_NAME = 'sklearn_digits'  # its TFDS name
 VERSION = '1.0.0'
 IMAGE_SIZE = 64
 NUM_CLASSES = 10
@@ -133,3 +137,25 @@ def prepare(data_dir: str | None = None) -> str:
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return data_dir
+
+
+def source(split: str, data_dir: str | None = None) -> sources.Source:
+  """The split (a TFDS split string), preparing the dataset first if this is its first use."""
+  return sources.tfds_source(DATASET_NAME, split, prepare(data_dir))
+
+
+DATASET = sources.register(sources.Dataset(
+    name=NAME,
+    num_classes=NUM_CLASSES,
+    num_examples=NUM_EXAMPLES,
+    source=source,
+    preparation=f'nothing to do: built from scikit-learn\'s copy on first use (under ${DATA_DIR_ENV} or '
+                '~/.cache/nfnets/tensorflow_datasets unless config.data.data_dir says otherwise)',
+    data_config={
+        'train_split': 'train',
+        'eval_split': 'test',
+        'crop_min_area': 0.6,
+        'flip': False,           # a mirrored digit is a different symbol
+        'mix': 'none',
+    },
+))

@@ -15,7 +15,8 @@ Training crops follow the reference: a box from TensorFlow's `sample_distorted_b
 resolution, mirrored with probability 1/2, resized to the training resolution. (The reference decoded
 only the window, `decode_and_crop_jpeg`, whose chroma upsampling treats the window's edges as the
 image's: its first and last pixel columns can differ from a cut-out of the full decode.) Evaluation
-(`eval_image`) resizes the whole image to (res + margin)^2, takes the centre crop and normalises.
+(`eval_pixels`) resizes the whole image to (res + margin)^2 and takes the centre crop; `eval_image`
+also normalises.
 
 Images are uint8 HWC RGB unless a docstring says otherwise.
 """
@@ -190,14 +191,20 @@ def eval_resize_and_crop(image: np.ndarray, resolution: int, margin: int = 32) -
   return bicubic.resize(image, full, full, rows=window, cols=window)
 
 
-def eval_image(image_bytes: bytes, resolution: int, margin: int = 32) -> np.ndarray:
-  """The reference's evaluation preprocessing of one encoded image: float32 [res, res, 3], normalised.
+def eval_pixels(image_bytes: bytes, resolution: int, margin: int = 32) -> np.ndarray:
+  """The reference's evaluation preprocessing of one encoded image up to normalisation: float32 [res, res, 3].
 
   Decode (JPEG as TF does) -> TF bicubic resize to (res + margin)^2, unclipped -> centre crop with
-  offset (margin + 1) // 2 -> (x - mean) / std. Every evaluation path (the eval pipeline,
-  scripts/classify.py) goes through this function.
+  offset (margin + 1) // 2. The values are pixels on the 0-255 scale but fractional and may overshoot
+  [0, 255], so they stay float32: rounding them to uint8 would change the evaluation. The eval pipeline
+  sends these; the eval step normalises them on the device.
   """
-  return normalize(eval_resize_and_crop(decode_image(image_bytes), resolution, margin))
+  return eval_resize_and_crop(decode_image(image_bytes), resolution, margin)
+
+
+def eval_image(image_bytes: bytes, resolution: int, margin: int = 32) -> np.ndarray:
+  """`eval_pixels` normalised, (x - mean) / std: what a model is applied to (e.g. by scripts/classify.py)."""
+  return normalize(eval_pixels(image_bytes, resolution, margin))
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,7 +7,7 @@ training examples [s * B, (s + 1) * B), and each host decodes only its contiguou
 global batch -> per training example: crops, mixing, uint8, RandAugment
 (`train_transform.TrainTransform`) -> chunks of consecutive examples, made by worker processes (or
 threads) -> stacked into the host batch, reshaped to [local_devices, per_device, ...]
-(`workers.py`: how many workers, the memory in flight). Training images leave as uint8; the train
+(`workers.py`: how many workers, the memory in flight). Training images leave as uint8 pixels; the train
 step normalises them on the device.
 
 The order and every random choice (crops, flips, mixing, RandAugment) are functions of (seed, global
@@ -19,7 +19,8 @@ out) restores it exactly, with any number of workers, also through
 
 Evaluation visits each example of this host's slice once, in order, then pads with masked
 zero examples so that every host yields the same number of full batches (`num_eval_batches`),
-which keeps multi-host collectives in step.
+which keeps multi-host collectives in step. Its images leave as float32 pixels (the reference's resize
+output, fractional and unclipped); the eval step normalises them on the device, as the train step does.
 
 All the work runs inside the parallel stages (worker processes or threads), so the consumer's thread
 only stacks chunks; each thread holds one chunk in flight, not a host batch.
@@ -117,8 +118,9 @@ def make_eval_iterator(
 ) -> grain.DatasetIterator:
   """A finite iterator over `data_config.eval_split` (or `source`), each example of this host's slice once.
 
-  Yields `num_eval_batches(...)` batches {'images': float32 [ld, pd, R, R, 3] normalised,
-  'labels': int32 [ld, pd], 'mask': float32 [ld, pd]}; padding examples are zeros with mask 0.
+  Yields `num_eval_batches(...)` batches {'images': float32 [ld, pd, R, R, 3] pixels (`ops_image.eval_pixels`:
+  0-255 scale, not normalised, as the eval step normalises them on the device), 'labels': int32 [ld, pd],
+  'mask': float32 [ld, pd]}; padding examples are zeros with mask 0.
   """
   process_index, process_count, local_device_count = _host_layout(
       process_index, process_count, local_device_count)
@@ -207,7 +209,11 @@ def train_example_bytes(resolution: int, num_classes: int) -> int:
 
 
 def eval_example_bytes(resolution: int) -> int:
-  """Bytes of one evaluation example: float32 pixels, int32 label, float32 mask."""
+  """Bytes of one evaluation example: float32 pixels, int32 label, float32 mask.
+
+  The pixels stay float32 (not uint8 as in training): the reference's evaluation resize leaves fractional,
+  unclipped values, and rounding them would change the evaluation results.
+  """
   return 4 * resolution * resolution * 3 + 8
 
 
@@ -256,7 +262,7 @@ class _TrainExample(grain.transforms.Map):
 
 
 class _EvalPreprocess(grain.transforms.Map):
-  """Encoded example (or padding) -> normalised eval image, label and mask (padding: zeros)."""
+  """Encoded example (or padding) -> eval pixels (not normalised), label and mask (padding: zeros)."""
 
   def __init__(self, resolution: int, margin: int):
     self.resolution = resolution
@@ -266,7 +272,7 @@ class _EvalPreprocess(grain.transforms.Map):
     if _PADDING_KEY in example:
       return {'image': np.zeros((self.resolution, self.resolution, 3), np.float32),
               'label': np.int32(0), 'mask': np.float32(0.0)}
-    return {'image': ops_image.eval_image(example['image'], self.resolution, self.margin),
+    return {'image': ops_image.eval_pixels(example['image'], self.resolution, self.margin),
             'label': np.int32(example['label']), 'mask': np.float32(1.0)}
 
 
