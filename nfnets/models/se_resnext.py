@@ -39,7 +39,7 @@ from nfnets import models
 from nfnets.errors import ConfigError
 from nfnets.models import layers
 from nfnets.models import nfnet
-from nfnets.train_step import AXIS_NAME
+from nfnets.distributed import AXIS_NAME
 
 VARIANTS = nfnet.VARIANTS
 
