@@ -79,7 +79,8 @@ def _clip_unitwise(clipping: float, eps: float) -> optax.GradientTransformation:
 
 
 def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
-                       exclude: Optional[ExcludeFn] = param_paths.is_final_classifier_weight) -> optax.GradientTransformation:
+                       exclude: Optional[ExcludeFn] = param_paths.is_final_classifier_weight
+                       ) -> optax.GradientTransformation:
   """Unit-wise adaptive gradient clipping, skipping the leaves whose (module, param) path `exclude` accepts.
 
   Args:
