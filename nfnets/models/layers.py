@@ -256,7 +256,7 @@ class BlockPlan:
     index: the block's position over all stages (0 for the network's first block).
     index_in_stage: its position in its stage (0 for the stage's first, transition block).
     in_channels, out_channels: the widths it reads and writes.
-    stride: 2 or 1; only a stage's first block may downsample.
+    stride: the stage's stride for its first block, 1 for the others (only a transition downsamples).
     beta: 1 / the expected standard deviation of its input; the block scales its pre-activated input by it so
       that its residual branch starts at unit variance.
     expected_var: the expected variance of its output: alpha² plus its input's, or plus 1 for a stage's first
