@@ -7,14 +7,12 @@ from nfnets.errors import CheckpointError
 from nfnets.errors import UserError
 from nfnets.flops import count_macs
 from nfnets.flops import model_macs
-from nfnets.flops import param_count
+from nfnets.flops import model_param_count
 from nfnets.models.nf_regnet import NFRegNet
 from nfnets.models.nf_resnet import NFResNet
 from nfnets.models.nfnet import NFNet
-from nfnets.models.nfnet import VARIANTS
 from nfnets.models.se_resnext import SEResNeXtD
-from nfnets.pretrained import load_official_params
 from nfnets.pretrained import load_reference
 
-__all__ = ['NFNet', 'NFResNet', 'NFRegNet', 'SEResNeXtD', 'VARIANTS', 'load_official_params', 'load_reference',
-           'CheckpointError', 'UserError', 'count_macs', 'model_macs', 'param_count']
+__all__ = ['NFNet', 'NFResNet', 'NFRegNet', 'SEResNeXtD', 'load_reference', 'CheckpointError', 'UserError',
+           'count_macs', 'model_macs', 'model_param_count']

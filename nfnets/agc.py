@@ -7,10 +7,10 @@ what the NFNet recipe needs around it:
 * explicit unit axes per leaf (see `unit_axes`), so that degenerate shapes such as a (1, O) linear or a
   (1, 1, 1, O) kernel are still clipped per output unit (optax's default squeezes those into one unit);
 * float32 norms when gradients arrive in bfloat16/float16 (the clipped gradient keeps its dtype);
-* the final classifier weight left unclipped via `optax.masked` (`is_final_classifier_weight`);
+* the final classifier weight left unclipped via `optax.masked` (`param_paths.is_final_classifier_weight`);
 * the fraction of clipped units, kept in the state and read back with `clipped_fraction(opt_state)`.
 
-Paths: in a Haiku params dict {module_name: {param_name: array}} a leaf's path is (module_name, param_name).
+Leaves are named by their (module_name, param_name) path (`nfnets.param_paths`).
 """
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -18,47 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nfnets import param_paths
 from nfnets.errors import ConfigError
 
-ParamPath = tuple[str, str]
-ExcludeFn = Callable[[ParamPath], bool]
-
-_MODULE_SEPARATOR = '/~/'
-
-
-def is_final_classifier_weight(path: ParamPath) -> bool:
-  """True only for the weight of the network's top-level linear, i.e. '<Net>/~/linear' param 'w'.
-
-  By the project's convention the final classifier is the top-level hk.Linear named 'linear', so its module
-  name holds exactly one '/~/'. Its bias and nested linears (squeeze-excite: '<Net>/~/block/~/.../linear')
-  are not matched and stay clipped.
-  """
-  module_name, param_name = path
-  parts = module_name.split(_MODULE_SEPARATOR)
-  return len(parts) == 2 and parts[1] == 'linear' and param_name == 'w'
-
-
-def _key_name(entry: Any) -> str:
-  for attribute in ('key', 'name', 'idx'):
-    if hasattr(entry, attribute):
-      return str(getattr(entry, attribute))
-  return str(entry)
-
-
-def param_path(key_path: tuple[Any, ...]) -> ParamPath:
-  """(module_name, param_name) of a leaf from its JAX key path.
-
-  For a Haiku params dict this is exactly (module, param). Deeper trees join all but the last key with '/'.
-  """
-  names = [_key_name(entry) for entry in key_path]
-  if not names:
-    return ('', '')
-  return ('/'.join(names[:-1]), names[-1])
-
-
-def path_mask(params: Any, predicate: Callable[[ParamPath, jax.Array], bool]) -> Any:
-  """A tree of Python bools shaped like `params`: predicate(path, leaf) for every leaf."""
-  return jax.tree_util.tree_map_with_path(lambda kp, leaf: bool(predicate(param_path(kp), leaf)), params)
+ExcludeFn = Callable[[param_paths.ParamPath], bool]
 
 
 def unit_axes(ndim: int) -> Optional[tuple[int, ...]]:
@@ -116,7 +79,8 @@ def _clip_unitwise(clipping: float, eps: float) -> optax.GradientTransformation:
 
 
 def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
-                       exclude: Optional[ExcludeFn] = is_final_classifier_weight) -> optax.GradientTransformation:
+                       exclude: Optional[ExcludeFn] = param_paths.is_final_classifier_weight
+                       ) -> optax.GradientTransformation:
   """Unit-wise adaptive gradient clipping, skipping the leaves whose (module, param) path `exclude` accepts.
 
   Args:
@@ -135,7 +99,7 @@ def adaptive_grad_clip(clipping: float, eps: float = 1e-3,
   inner = _clip_unitwise(float(clipping), float(eps))
   if exclude is None:
     return inner
-  return optax.masked(inner, lambda tree: path_mask(tree, lambda path, _: not exclude(path)))
+  return optax.masked(inner, lambda tree: param_paths.path_mask(tree, lambda path, _: not exclude(path)))
 
 
 def clipped_fraction(opt_state: Any) -> Optional[jax.Array]:

@@ -19,7 +19,7 @@ the model config and the weight sets it holds.
 """
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import grain
 import jax
@@ -30,9 +30,11 @@ from etils import epath
 from nfnets import models
 from nfnets import pretrained
 from nfnets import timm_weights
-from nfnets import train_step as train_step_lib
 from nfnets.errors import CheckpointError
 from nfnets.errors import ConfigError
+
+if TYPE_CHECKING:  # train_state imports this module to resume runs; the annotations only name its TrainState.
+  from nfnets import train_state
 
 # TrainState fields stored in the `weights` item; every other field goes to `train`.
 WEIGHT_SETS = ('params', 'model_state', 'ema_params', 'ema_model_state')
@@ -56,7 +58,7 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def split_state(state: train_step_lib.TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_state(state: 'train_state.TrainState') -> tuple[dict[str, Any], dict[str, Any]]:
   """(weights item, train item) of a train state, following the state's own fields."""
   fields = state._asdict()
   return ({k: v for k, v in fields.items() if k in WEIGHT_SETS},
@@ -87,7 +89,7 @@ class TrainingCheckpointer:
     """Whether `save` would write `step`: on the save grid (or forced), and not written already."""
     return step not in self._manager.all_steps() and (force or self._manager.should_save(step))
 
-  def save(self, state: train_step_lib.TrainState, data_iterator: Any, meta: dict[str, Any], *,
+  def save(self, state: 'train_state.TrainState', data_iterator: Any, meta: dict[str, Any], *,
            force: bool = False) -> bool:
     """Saves `state` (one device's copy, not the replicated one) if the step is on the grid or `force`."""
     step = int(state.step)
@@ -101,8 +103,8 @@ class TrainingCheckpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)))
 
-  def restore(self, step: int, like: train_step_lib.TrainState,
-              data_iterator: Any) -> train_step_lib.TrainState:
+  def restore(self, step: int, like: 'train_state.TrainState',
+              data_iterator: Any) -> 'train_state.TrainState':
     """Restores step `step` into a state shaped like `like` and repositions `data_iterator` in place."""
     weights, train = split_state(like)
     stored = set(ocp.StandardCheckpointHandler().metadata(self._manager.directory / str(step) / 'train').keys())
@@ -111,7 +113,7 @@ class TrainingCheckpointer:
         weights=ocp.args.StandardRestore(_abstract(weights)),
         train=ocp.args.StandardRestore(_abstract(train)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return train_step_lib.TrainState(**restored.weights, **restored.train, **missing)
+    return type(like)(**restored.weights, **restored.train, **missing)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -48,9 +48,9 @@ def evaluate_weights(config: ml_collections.ConfigDict, model_config, weight_set
     raise ConfigError(f'the model predicts {model_config["num_classes"]} classes but dataset '
                       f'{config.data.name!r} has {info.num_classes}')
   forward = models.make_forward(model_config, config.precision.eval_compute_dtype)
-  p_eval_step = jax.pmap(train_step.make_eval_step(forward), axis_name=train_step.AXIS_NAME)
+  p_eval_step = jax.pmap(train_step.make_eval_step(forward), axis_name=distributed.AXIS_NAME)
   batches = pipeline.make_eval_iterator(config.data, global_batch_size=config.train.eval_batch_size)
-  return evaluate(p_eval_step, distributed.replicate(weight_sets, train_step.AXIS_NAME), batches)
+  return evaluate(p_eval_step, distributed.replicate(weight_sets, distributed.AXIS_NAME), batches)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str) -> dict[str, float]:

@@ -83,7 +83,7 @@ def model_macs(model_config, resolution: int) -> int:
   return count_macs(lambda p, s, x: forward.apply(p, s, None, x, is_training=False), params, state, image)
 
 
-def param_count(model_config) -> int:
+def model_param_count(model_config) -> int:
   """Number of parameters of the configured model (abstract init; no memory is allocated)."""
   params, _ = models.abstract_params(model_config)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

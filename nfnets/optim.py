@@ -35,6 +35,7 @@ import optax
 
 from nfnets import agc
 from nfnets import durations
+from nfnets import param_paths
 from nfnets.errors import ConfigError
 
 _OPTIMIZERS = ('sgd', 'adamw')
@@ -42,7 +43,7 @@ _CLIP_MODES = ('agc', 'global_norm', 'none')
 _SCHEDULES = ('cosine', 'constant')
 
 
-def is_decayed(path: agc.ParamPath, leaf: jax.Array) -> bool:
+def is_decayed(path: param_paths.ParamPath, leaf: jax.Array) -> bool:
   """Weight decay applies to weight matrices and kernels (ndim >= 2) only.
 
   In every model following the project's conventions the parameters that must not decay (WS gains 'gain',
@@ -56,7 +57,7 @@ def is_decayed(path: agc.ParamPath, leaf: jax.Array) -> bool:
 
 def weight_decay_mask(params: Any) -> Any:
   """A tree of bools shaped like `params`: True where weight decay applies (see `is_decayed`)."""
-  return agc.path_mask(params, is_decayed)
+  return param_paths.path_mask(params, is_decayed)
 
 
 def learning_rate_schedule(optimizer_config: ml_collections.ConfigDict, *, batch_size: int,
@@ -89,14 +90,14 @@ def clipping_transform(optimizer_config: ml_collections.ConfigDict,
   """The first link of the chain, per `clip_mode`.
 
   AGC leaves the final classifier's weight unclipped: the module the model registry names, or by default the
-  top-level 'linear' (see `agc.is_final_classifier_weight`).
+  top-level 'linear' (see `param_paths.is_final_classifier_weight`).
   """
   if 'clipping' in optimizer_config:  # the old field, which meant either, set by a config written in Python
     raise ConfigError('optimizer.clipping was renamed: use optimizer.agc_lambda (clip_mode agc) or '
                       'optimizer.global_norm_threshold (clip_mode global_norm)')
   mode = optimizer_config.clip_mode
   if mode == 'agc':
-    exclude = agc.is_final_classifier_weight
+    exclude = param_paths.is_final_classifier_weight
     if classifier_module is not None:
       exclude = lambda path: path == (classifier_module, 'w')
     return agc.adaptive_grad_clip(optimizer_config.agc_lambda, eps=optimizer_config.agc_eps, exclude=exclude)
@@ -130,7 +131,7 @@ def only_module(optimizer: optax.GradientTransformation, module: str) -> optax.G
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: 'trained' if agc.param_path(path)[0] == module else 'frozen', params)
+        lambda path, _: 'trained' if param_paths.param_path(path)[0] == module else 'frozen', params)
 
   return optax.multi_transform({'trained': optimizer, 'frozen': optax.set_to_zero()}, labels)
 

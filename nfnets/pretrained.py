@@ -12,7 +12,6 @@ architecture of the variant it describes.
 """
 import importlib
 import io
-import math
 import pickle
 from typing import Any, BinaryIO, Optional
 
@@ -245,14 +244,3 @@ def load_reference(path: str | epath.PathLike, variant: Optional[str] = None) ->
   except CheckpointError as e:
     raise CheckpointError(f'{path}: {e}') from None
   return params, model_config
-
-
-def load_official_params(path: str | epath.PathLike, variant: Optional[str] = None) -> tuple[Params, str]:
-  """Loads a reference checkpoint safely; returns (params, variant name). See `load_reference`."""
-  params, model_config = load_reference(path, variant)
-  return params, model_config['variant']
-
-
-def param_count(params: Params) -> int:
-  """Total number of scalars in a params dict."""
-  return sum(math.prod(a.shape) for p in params.values() for a in p.values())

@@ -97,7 +97,7 @@ def key_map(model_config: Mapping[str, Any]) -> dict[tuple[str, str], tuple[str,
   """{(our module, param): (timm key, layout)} for every parameter of the configured NFNet."""
   if model_config['name'] != 'nfnet':
     raise CheckpointError(f'timm conversion covers NFNets only, not {model_config["name"]} models')
-  variant = nfnet.get_variant(model_config['variant'])
+  variant = models.get_variant('nfnet', model_config['variant'])
   depths = tuple(model_config.get('depths') or variant['depths'])
   abstract = _our_shapes(model_config)
   renamed = {f'NFNet/~/stem_conv{i}': f'stem.conv{i + 1}' for i in range(4)}
@@ -251,7 +251,7 @@ def _make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) ->
 
 
 def _stage_widths(model_config: Mapping[str, Any]) -> tuple[int, ...]:
-  variant = nfnet.get_variant(model_config['variant'])
+  variant = models.get_variant('nfnet', model_config['variant'])
   return tuple(int(w * (model_config.get('width') or 1.0)) for w in (model_config.get('widths') or variant['widths']))
 
 
@@ -287,7 +287,7 @@ def _check_timm_builds_it(model_config: Mapping[str, Any]) -> None:
 def timm_model_line(model_config: Mapping[str, Any]) -> str:
   """The PyTorch expression that builds the timm model matching `model_config`."""
   num_classes = model_config['num_classes']
-  variant = nfnet.get_variant(model_config['variant'])
+  variant = models.get_variant('nfnet', model_config['variant'])
   depths = tuple(model_config.get('depths') or variant['depths'])
   widths = _stage_widths(model_config)
   group_width = model_config.get('group_width') or 128

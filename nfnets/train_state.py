@@ -1,8 +1,10 @@
-"""`create_train_state`: where a run starts. Fresh from the seed, resumed from the workdir, or initialised from
-a checkpoint (project or reference format) with the classifier replaced for a new class count (fine-tuning).
+"""`TrainState`, what a run carries from step to step, and `create_train_state`: where a run starts. Fresh from
+the seed, resumed from the workdir, or initialised from a checkpoint (project or reference format) with the
+classifier replaced for a new class count (fine-tuning).
 """
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,15 +13,57 @@ import optax
 
 from nfnets import checkpoint
 from nfnets import models
-from nfnets import train_step as train_step_lib
 from nfnets.errors import CheckpointError
 
 
+DEFAULT_INITIAL_LOSS_SCALE = 2.0 ** 15
+
+
+class TrainState(NamedTuple):
+  step: jax.Array               # int32 scalar: updates applied or skipped so far
+  params: hk.Params             # float32 master weights
+  model_state: hk.State         # empty for NFNets; batch statistics for normalised baselines
+  opt_state: optax.OptState
+  ema_params: hk.Params
+  ema_model_state: hk.State
+  rng: jax.Array                # base key; per-step, per-device keys are folded from it
+  nonfinite_streak: jax.Array   # int32: consecutive updates skipped for a non-finite loss or gradient
+  # float16 compute's dynamic loss scale (jmp.DynamicLossScale's two arrays); unused in other dtypes.
+  loss_scale: jax.Array         # float32
+  loss_scale_counter: jax.Array  # int32: updates since the scale last changed
+  # Updates skipped since the run began, by cause (float16 overflow under loss scaling; non-finite).
+  skipped_overflow: jax.Array   # int32
+  skipped_nonfinite: jax.Array  # int32
+
+
+def init_train_state(forward: hk.TransformedWithState, optimizer: optax.GradientTransformation,
+                     rng: jax.Array, sample_images: jax.Array,
+                     initial_loss_scale: float = DEFAULT_INITIAL_LOSS_SCALE) -> TrainState:
+  """A fresh state; `sample_images` only fixes shapes (one example is enough)."""
+  init_rng, step_rng = jax.random.split(rng)
+  params, model_state = forward.init(init_rng, sample_images, is_training=True)
+  zero = jnp.zeros([], jnp.int32)
+  return TrainState(
+      step=zero,
+      params=params,
+      model_state=model_state,
+      opt_state=optimizer.init(params),
+      ema_params=params,
+      ema_model_state=model_state,
+      rng=step_rng,
+      nonfinite_streak=zero,
+      loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
+      loss_scale_counter=zero,
+      skipped_overflow=zero,
+      skipped_nonfinite=zero,
+  )
+
+
 def fresh_train_state(forward, optimizer: optax.GradientTransformation, seed: int, resolution: int,
-                      initial_loss_scale: float = train_step_lib.DEFAULT_INITIAL_LOSS_SCALE
-                      ) -> train_step_lib.TrainState:
+                      initial_loss_scale: float = DEFAULT_INITIAL_LOSS_SCALE
+                      ) -> TrainState:
   """The run's starting point, a function of `seed` alone (on the default device)."""
-  return jax.jit(train_step_lib.init_train_state, static_argnums=(0, 1))(
+  return jax.jit(init_train_state, static_argnums=(0, 1))(
       forward, optimizer, jax.random.PRNGKey(seed), jnp.zeros((1, resolution, resolution, 3), jnp.float32),
       initial_loss_scale)
 
@@ -52,8 +96,8 @@ def graft(fresh: Any, loaded: Any, *, replaceable_module: str, source: str) -> t
   return grafted, kept_fresh
 
 
-def initialized_from(state: train_step_lib.TrainState, optimizer: optax.GradientTransformation,
-                     model_config: ml_collections.ConfigDict, path: str) -> tuple[train_step_lib.TrainState, str]:
+def initialized_from(state: TrainState, optimizer: optax.GradientTransformation,
+                     model_config: ml_collections.ConfigDict, path: str) -> tuple[TrainState, str]:
   """`state` with its weights taken from the checkpoint at `path` (EMA weights when it has them)."""
   source = checkpoint.read(path)
   if source.model_config['name'] != model_config.name:
@@ -72,14 +116,14 @@ def initialized_from(state: train_step_lib.TrainState, optimizer: optax.Gradient
 
 def create_train_state(setup, config: ml_collections.ConfigDict, *,
                        checkpointer: Optional[checkpoint.TrainingCheckpointer] = None,
-                       data_iterator: Any = None) -> tuple[train_step_lib.TrainState, str]:
+                       data_iterator: Any = None) -> tuple[TrainState, str]:
   """The state a run starts from, and a sentence saying where it came from.
 
   In order: the workdir's latest checkpoint (resume, data iterator repositioned in place); else
   `config.init_from` (fine-tuning: weights only, a fresh optimiser, step 0); else fresh from `config.seed`.
   """
   state = fresh_train_state(setup.forward, setup.optimizer, config.seed, config.data.train_resolution,
-                            config.precision.get('initial_loss_scale', train_step_lib.DEFAULT_INITIAL_LOSS_SCALE))
+                            config.precision.get('initial_loss_scale', DEFAULT_INITIAL_LOSS_SCALE))
   latest = checkpointer.latest_step() if checkpointer is not None else None
   if latest is not None:
     return checkpointer.restore(latest, state, data_iterator), f'resumed from step {latest}'

@@ -16,55 +16,13 @@ import optax
 
 from nfnets import accumulation
 from nfnets import agc
+from nfnets import distributed
 from nfnets import losses
 from nfnets import optim
 from nfnets.data import ops_image
+from nfnets.train_state import TrainState
 
-AXIS_NAME = 'batch'
 Metrics = dict[str, jax.Array]
-
-
-DEFAULT_INITIAL_LOSS_SCALE = 2.0 ** 15
-
-
-class TrainState(NamedTuple):
-  step: jax.Array               # int32 scalar: updates applied or skipped so far
-  params: hk.Params             # float32 master weights
-  model_state: hk.State         # empty for NFNets; batch statistics for normalised baselines
-  opt_state: optax.OptState
-  ema_params: hk.Params
-  ema_model_state: hk.State
-  rng: jax.Array                # base key; per-step, per-device keys are folded from it
-  nonfinite_streak: jax.Array   # int32: consecutive updates skipped for a non-finite loss or gradient
-  # float16 compute's dynamic loss scale (jmp.DynamicLossScale's two arrays); unused in other dtypes.
-  loss_scale: jax.Array         # float32
-  loss_scale_counter: jax.Array  # int32: updates since the scale last changed
-  # Updates skipped since the run began, by cause (float16 overflow under loss scaling; non-finite).
-  skipped_overflow: jax.Array   # int32
-  skipped_nonfinite: jax.Array  # int32
-
-
-def init_train_state(forward: hk.TransformedWithState, optimizer: optax.GradientTransformation,
-                     rng: jax.Array, sample_images: jax.Array,
-                     initial_loss_scale: float = DEFAULT_INITIAL_LOSS_SCALE) -> TrainState:
-  """A fresh state; `sample_images` only fixes shapes (one example is enough)."""
-  init_rng, step_rng = jax.random.split(rng)
-  params, model_state = forward.init(init_rng, sample_images, is_training=True)
-  zero = jnp.zeros([], jnp.int32)
-  return TrainState(
-      step=zero,
-      params=params,
-      model_state=model_state,
-      opt_state=optimizer.init(params),
-      ema_params=params,
-      ema_model_state=model_state,
-      rng=step_rng,
-      nonfinite_streak=zero,
-      loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
-      loss_scale_counter=zero,
-      skipped_overflow=zero,
-      skipped_nonfinite=zero,
-  )
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
@@ -94,17 +52,6 @@ def sum_of_squares(tree) -> jax.Array:
   return jnp.sum(jnp.stack(per_leaf))
 
 
-def agreed(flag: jax.Array, axis_name: str) -> jax.Array:
-  """`flag` held on every device of `axis_name` (a boolean scalar).
-
-  The devices already agree when the flag comes from averaged values. The collective matters to the
-  compiler: its result is one materialised scalar, where XLA CPU otherwise copied the hundreds of
-  per-leaf reductions computing the flag into the fusion of every select consuming it (a program
-  quadratic in the number of leaves: the F0 step compiled in minutes).
-  """
-  return jax.lax.pmin(flag.astype(jnp.int32), axis_name) > 0
-
-
 def select_tree(keep_new: jax.Array, new, old):
   """`new` where the scalar `keep_new` holds, else `old`, leaf by leaf.
 
@@ -112,13 +59,6 @@ def select_tree(keep_new: jax.Array, new, old):
   (a `lax.cond` between the two states copied every leaf it returned).
   """
   return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o), new, old)
-
-
-def device_mean(tree, axis_name: str):
-  """`pmean` over `axis_name`, skipped on an axis of one device (XLA would still copy every leaf)."""
-  if jax.lax.axis_size(axis_name) == 1:
-    return tree
-  return jax.lax.pmean(tree, axis_name)
 
 
 def make_train_step(forward: hk.TransformedWithState,
@@ -130,7 +70,7 @@ def make_train_step(forward: hk.TransformedWithState,
                     uses_grad_fn: bool = False,
                     accumulation_steps: int = 1,
                     loss_scale_period: Optional[int] = None,
-                    axis_name: str = AXIS_NAME) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
+                    axis_name: str = distributed.AXIS_NAME) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
   """Builds the per-device step.
 
   Args:
@@ -170,7 +110,7 @@ def make_train_step(forward: hk.TransformedWithState,
     # Accumulated and reduced in float32 whatever the compute dtype was, so the all-reduce loses nothing.
     grads, per_micro_batch = accumulation.accumulate(micro_batch_grads, params, batch, rng, accumulation_steps)
     loss, top1, model_state = accumulation.mean_over_micro_batches(per_micro_batch)
-    grads, loss = device_mean(grads, axis_name), device_mean(loss, axis_name)
+    grads, loss = distributed.device_mean(grads, axis_name), distributed.device_mean(loss, axis_name)
     if loss_scale is not None:
       grads = loss_scale.unscale(grads)
     return grads, loss, top1, model_state
@@ -202,11 +142,11 @@ def make_train_step(forward: hk.TransformedWithState,
     # Keep the replicas' state identical. Batch statistics averaged across devices already are; counters
     # (integers, equal on every device) are left alone, as pmean would turn them into floats.
     model_state = jax.tree.map(
-        lambda x: device_mean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
+        lambda x: distributed.device_mean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, model_state)
     ema_params = optim.update_ema(state.ema_params, params, state.step, ema_decay)
     ema_model_state = optim.update_ema(state.ema_model_state, model_state, state.step, ema_decay)
     # A skipped step changes nothing but the counters (and the loss scale).
-    finite = agreed(finite, axis_name)
+    finite = distributed.agreed(finite, axis_name)
     params, model_state, opt_state, ema_params, ema_model_state = select_tree(
         finite, (params, model_state, opt_state, ema_params, ema_model_state),
         (state.params, state.model_state, state.opt_state, state.ema_params, state.ema_model_state))
@@ -229,7 +169,7 @@ def make_train_step(forward: hk.TransformedWithState,
 
     metrics = {
         'loss': loss,
-        'top1_acc': device_mean(top1, axis_name),
+        'top1_acc': distributed.device_mean(top1, axis_name),
         'grad_norm': jnp.sqrt(grad_sum_of_squares),
         'learning_rate': learning_rate_fn(state.step),
         'finite': finite.astype(jnp.float32),
@@ -278,7 +218,7 @@ def classify_skip(finite: jax.Array, loss_finite: jax.Array, state: TrainState,
 
 
 def make_eval_step(forward: hk.TransformedWithState,
-                   axis_name: str = AXIS_NAME) -> Callable[[dict, Any], Metrics]:
+                   axis_name: str = distributed.AXIS_NAME) -> Callable[[dict, Any], Metrics]:
   """Per-device eval over several weight sets at once (e.g. raw and EMA), reading each batch once.
 
   `eval_step(weight_sets, batch)` takes `{prefix: (params, model_state)}` and a batch of pixels (uint8 or

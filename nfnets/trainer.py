@@ -45,7 +45,7 @@ class TrainingSetup(NamedTuple):
   """Everything the loop runs, built from the config alone (no data is read, nothing is compiled)."""
   forward: hk.TransformedWithState
   optimizer: optax.GradientTransformation
-  train_step: Callable[..., Any]   # per-device; pmap it over train_step.AXIS_NAME
+  train_step: Callable[..., Any]   # per-device; pmap it over distributed.AXIS_NAME
   total_steps: int
 
 
@@ -54,7 +54,7 @@ def loss_scale_period(precision_config: ml_collections.ConfigDict) -> Optional[i
   loss-scaling fields."""
   if precision_config.compute_dtype != 'float16':
     return None
-  initial = precision_config.get('initial_loss_scale', train_step_lib.DEFAULT_INITIAL_LOSS_SCALE)
+  initial = precision_config.get('initial_loss_scale', train_state_lib.DEFAULT_INITIAL_LOSS_SCALE)
   period = precision_config.get('loss_scale_period', 2000)
   if not (initial >= 1 and math.isfinite(initial)):
     raise ConfigError(f'compute_dtype float16 needs config.precision.initial_loss_scale >= 1, got {initial}')
@@ -94,7 +94,7 @@ def setup_training(config: ml_collections.ConfigDict, num_train_examples: int,
 def pmap_train_step(setup: TrainingSetup, devices: Optional[Sequence[jax.Device]] = None) -> Callable[..., Any]:
   """The train step as the loop runs it: pmapped over `devices` (default: all local), the state donated
   off CPU. `(replicated_state, batch) -> (replicated_state, metrics)`."""
-  return jax.pmap(setup.train_step, axis_name=train_step_lib.AXIS_NAME, devices=devices,
+  return jax.pmap(setup.train_step, axis_name=distributed.AXIS_NAME, devices=devices,
                   donate_argnums=() if jax.default_backend() == 'cpu' else (0,))
 
 
@@ -103,7 +103,7 @@ def pmap_eval_step(config: ml_collections.ConfigDict,
   """The loop's evaluation step, in `config.precision.eval_compute_dtype`, pmapped over `devices`:
   `(replicated weight sets, batch) -> summed hit counts`."""
   eval_forward = models.make_forward(config.model, config.precision.eval_compute_dtype)
-  return jax.pmap(train_step_lib.make_eval_step(eval_forward), axis_name=train_step_lib.AXIS_NAME,
+  return jax.pmap(train_step_lib.make_eval_step(eval_forward), axis_name=distributed.AXIS_NAME,
                   devices=devices)
 
 
@@ -168,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
                                             accumulation_steps=config.train.get('accumulation_steps', 1))
   if config.data.device_prefetch > 0:
     train_iter = device_prefetch.DevicePrefetch(train_iter, config.data.device_prefetch,
-                                                train_step_lib.AXIS_NAME)
+                                                distributed.AXIS_NAME)
 
   # Nothing is written before the data, the config and any checkpoint to start from have proven usable.
   new_checkpointer = lambda: checkpoint.TrainingCheckpointer(
@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
 
   writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
   step = int(state.step)
-  replicated = distributed.replicate(state, train_step_lib.AXIS_NAME)
+  replicated = distributed.replicate(state, distributed.AXIS_NAME)
   layout = accumulation.batch_layout(config.train, jax.device_count())
   accumulating = (f' as {layout.accumulation_steps} micro-batches of {layout.micro_batch} per device'
                   if layout.accumulation_steps > 1 else '')

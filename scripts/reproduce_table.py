@@ -83,7 +83,7 @@ def architecture(row: str) -> dict[str, Any]:
 def _count(model_json: str, resolution: int) -> tuple[int, int]:
   """(parameters, MACs at `resolution`); cached because rows such as F5 and F5-sam share a model."""
   model_config = json.loads(model_json)
-  return flops.param_count(model_config), flops.model_macs(model_config, resolution)
+  return flops.model_param_count(model_config), flops.model_macs(model_config, resolution)
 
 
 def checkpoint_paths(folder: str) -> tuple[list[epath.Path], list[str]]:

@@ -36,8 +36,8 @@ import ml_collections
 import numpy as np
 
 from nfnets import accumulation
+from nfnets import distributed
 from nfnets import train_state as train_state_lib
-from nfnets import train_step as train_step_lib
 from nfnets import trainer
 from nfnets.data import sources
 from nfnets.models import layers
@@ -86,7 +86,7 @@ def compile_train_step(config: ml_collections.ConfigDict, per_device_batch: int)
   """The loop's train step for `config`, compiled for one device at `per_device_batch` examples per forward
   pass (the micro-batch under `config.train.accumulation_steps`), from shapes alone."""
   setup = training_setup(one_device_config(config, per_device_batch))
-  step = jax.pmap(setup.train_step, axis_name=train_step_lib.AXIS_NAME, devices=jax.local_devices()[:1],
+  step = jax.pmap(setup.train_step, axis_name=distributed.AXIS_NAME, devices=jax.local_devices()[:1],
                   donate_argnums=(0,))
   lowered = step.lower(abstract_train_state(setup, config), train_batch_spec(config, per_device_batch))
   return lowered.compile(compile_options())

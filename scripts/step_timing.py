@@ -151,7 +151,7 @@ def _build(kind: str, config: ml_collections.ConfigDict, batch: dict[str, np.nda
   devices = jax.local_devices()[:1]
   setup = step_memory.training_setup(config)
   state, _ = train_state_lib.create_train_state(setup, config)
-  state = distributed.replicate(state, train_step_lib.AXIS_NAME, devices)
+  state = distributed.replicate(state, distributed.AXIS_NAME, devices)
   if kind == 'train':
     return _TimedStep(trainer.pmap_train_step(setup, devices), (state, batch), carry_state=True)
   weight_sets = train_step_lib.eval_weight_sets(state)

@@ -16,6 +16,7 @@ from nfnets import accumulation
 from nfnets import distributed
 from nfnets import losses
 from nfnets import optim
+from nfnets import train_state as train_state_lib
 from nfnets import train_step as train_step_lib
 from nfnets.data import ops_image
 from nfnets.errors import ConfigError
@@ -65,7 +66,7 @@ def _build(model_fn, optimizer_config, accumulation_steps, loss_scale_period=Non
       forward, optimizer, optim.learning_rate_schedule(optimizer_config, **schedule_args), label_smoothing=0.1,
       ema_decay=0.99, uses_grad_fn=optim.needs_grad_fn(optimizer_config), accumulation_steps=accumulation_steps,
       loss_scale_period=loss_scale_period)
-  state = train_step_lib.init_train_state(forward, optimizer, jax.random.PRNGKey(0),
+  state = train_state_lib.init_train_state(forward, optimizer, jax.random.PRNGKey(0),
                                           jnp.zeros((1, RES, RES, 3), jnp.float32), initial_loss_scale)
   return step, state
 
@@ -83,8 +84,8 @@ def _batch(num_devices, per_device, seed):
 
 def _run(step, state, batches, num_devices):
   devices = jax.local_devices()[:num_devices]
-  p_step = jax.pmap(step, axis_name=train_step_lib.AXIS_NAME, devices=devices)
-  replicated = distributed.replicate(state, train_step_lib.AXIS_NAME, devices)
+  p_step = jax.pmap(step, axis_name=distributed.AXIS_NAME, devices=devices)
+  replicated = distributed.replicate(state, distributed.AXIS_NAME, devices)
   all_metrics = []
   for batch in batches:
     replicated, metrics = p_step(replicated, batch)

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from nfnets import agc
+from nfnets import param_paths
 
 LAMBDA = 0.01
 EPS = 1e-3
@@ -152,7 +153,7 @@ def test_default_exclusion_skips_only_the_classifier_weight():
     (('NFNet/~/final_conv', 'w'), False),
 ])
 def test_is_final_classifier_weight(path, expected):
-  assert agc.is_final_classifier_weight(path) is expected
+  assert param_paths.is_final_classifier_weight(path) is expected
 
 
 def test_custom_exclude_predicate():
@@ -195,7 +196,7 @@ def test_exclusion_mask_on_a_real_nfnet_param_tree():
   forward = hk.transform(lambda x: nfnet.NFNet(num_classes=10, variant='F0', depths=(1, 1, 1, 1),
                                                widths=(32, 64, 96, 128))(x, is_training=True))
   shapes = jax.eval_shape(forward.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  mask = agc.path_mask(shapes, lambda path, _: agc.is_final_classifier_weight(path))
+  mask = param_paths.path_mask(shapes, lambda path, _: param_paths.is_final_classifier_weight(path))
   excluded = [(m, n) for m in mask for n in mask[m] if mask[m][n]]
   assert excluded == [('NFNet/~/linear', 'w')]
   assert any('squeeze_excite' in m for m in mask)  # the nested linears were there to be (not) matched

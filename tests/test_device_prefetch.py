@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from nfnets import train_step as train_step_lib
+from nfnets import distributed
 from nfnets.data import device_prefetch
 
 
@@ -17,7 +17,7 @@ def _host_iterator():
 
 
 def _prefetched(size=2):
-  return device_prefetch.DevicePrefetch(_host_iterator(), size, train_step_lib.AXIS_NAME)
+  return device_prefetch.DevicePrefetch(_host_iterator(), size, distributed.AXIS_NAME)
 
 
 def test_yields_the_host_batches_in_order_spread_over_the_local_devices():
@@ -28,7 +28,7 @@ def test_yields_the_host_batches_in_order_spread_over_the_local_devices():
   assert isinstance(batch, jax.Array) and batch.sharding.device_set == set(jax.local_devices())
   assert [shard.data.shape for shard in batch.addressable_shards] == [(1, 3), (1, 3)]
   # What the pmapped step takes, with no copy back to the host.
-  doubled = jax.pmap(lambda x: 2 * x, axis_name=train_step_lib.AXIS_NAME)(batch)
+  doubled = jax.pmap(lambda x: 2 * x, axis_name=distributed.AXIS_NAME)(batch)
   np.testing.assert_array_equal(doubled, np.full((2, 3), 6))
 
 
@@ -65,7 +65,7 @@ def test_grain_checkpoints_write_the_host_iterators_own_file(tmp_path):
 def test_a_finite_host_iterator_ends_after_its_last_batch():
   devices = jax.local_device_count()
   host = iter(grain.MapDataset.range(5).map(lambda i: {'x': np.full((devices, 3), i)}).to_iter_dataset())
-  prefetched = device_prefetch.DevicePrefetch(host, 3, train_step_lib.AXIS_NAME)
+  prefetched = device_prefetch.DevicePrefetch(host, 3, distributed.AXIS_NAME)
   assert [int(b['x'][0, 0]) for b in prefetched] == [0, 1, 2, 3, 4]
   with pytest.raises(StopIteration):
     next(prefetched)
@@ -73,4 +73,4 @@ def test_a_finite_host_iterator_ends_after_its_last_batch():
 
 def test_a_queue_of_no_batches_is_refused():
   with pytest.raises(ValueError, match='at least 1'):
-    device_prefetch.DevicePrefetch(_host_iterator(), 0, train_step_lib.AXIS_NAME)
+    device_prefetch.DevicePrefetch(_host_iterator(), 0, distributed.AXIS_NAME)

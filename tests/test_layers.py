@@ -201,3 +201,52 @@ def test_plain_conv_and_unscaled_activation():
   np.testing.assert_allclose(fn.apply(params, x), expected, rtol=1e-5, atol=1e-5)
   z = jnp.linspace(-2, 2, 5)
   np.testing.assert_array_equal(layers.get_activation('gelu', scaled=False)(z), jax.nn.gelu(z))
+
+
+def test_block_schedule_resets_the_expected_variance_at_each_stage_and_grows_it_by_alpha_squared():
+  alpha = 0.3
+  plans = layers.block_schedule(8, (16, 32, 32), (2, 3, 1), (1, 2, 2), alpha=alpha, stochdepth_rate=0.6)
+  assert [(p.index, p.index_in_stage, p.in_channels, p.out_channels, p.stride) for p in plans] == [
+      (0, 0, 8, 16, 1), (1, 1, 16, 16, 1),
+      (2, 0, 16, 32, 2), (3, 1, 32, 32, 1), (4, 2, 32, 32, 1),
+      (5, 0, 32, 32, 2)]
+  # A block's input is the previous block's output: 1 for the stem's; a transition's (projected) shortcut
+  # restarts the variance at 1, to which each block adds alpha^2.
+  input_vars = [1.0, 1 + alpha**2, 1 + 2 * alpha**2, 1 + alpha**2, 1 + 2 * alpha**2, 1 + 3 * alpha**2]
+  np.testing.assert_allclose([p.beta for p in plans], [1 / math.sqrt(v) for v in input_vars], rtol=1e-12)
+  output_vars = [1 + alpha**2, 1 + 2 * alpha**2, 1 + alpha**2, 1 + 2 * alpha**2, 1 + 3 * alpha**2, 1 + alpha**2]
+  np.testing.assert_allclose([p.expected_var for p in plans], output_vars, rtol=1e-12)
+  np.testing.assert_allclose([p.stochdepth_rate for p in plans], [0.6 * i / 6 for i in range(6)])
+  assert [p.has_projection for p in plans] == [True, False, True, False, False, True]
+  # Without the bookkeeping (normalised networks) every beta is 1.
+  assert {p.beta for p in layers.block_schedule(8, (16, 32), (2, 2), (1, 2), alpha=0.0, stochdepth_rate=0.0)} == {1.0}
+
+
+def test_nf_merge_is_stochastic_depth_then_skip_gain_then_alpha_plus_the_shortcut():
+  def merge(residual, shortcut, is_training):
+    return layers.nf_merge(residual, shortcut, alpha=0.2, stochdepth_rate=0.5, is_training=is_training)
+
+  fn = hk.transform(merge)
+  rng = np.random.default_rng(0)
+  residual, shortcut = (jnp.asarray(rng.normal(size=(64, 2, 2, 3)), jnp.float32) for _ in range(2))
+  params = fn.init(jax.random.PRNGKey(0), residual, shortcut, True)
+  assert jax.tree.map(jnp.shape, params) == {'~': {'skip_gain': ()}}
+  assert float(params['~']['skip_gain']) == 0.0  # every block starts as the identity
+  np.testing.assert_array_equal(fn.apply(params, None, residual, shortcut, False), residual * 0.0 * 0.2 + shortcut)
+  params = {'~': {'skip_gain': jnp.float32(1.5)}}
+  np.testing.assert_allclose(fn.apply(params, None, residual, shortcut, False), residual * 1.5 * 0.2 + shortcut,
+                             rtol=1e-6)
+  out = fn.apply(params, jax.random.PRNGKey(1), residual, shortcut, True)
+  kept = layers.stochastic_depth  # same key, same draw: the merge drops exactly what stochastic depth drops
+  dropped = hk.transform(lambda x: kept(x, 0.5, True)).apply({}, jax.random.PRNGKey(1), residual)
+  np.testing.assert_allclose(out, dropped * 1.5 * 0.2 + shortcut, rtol=1e-6)
+
+
+def test_shortcut_is_the_input_or_a_projection_average_pooled_when_asked():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 4, 3)), jnp.float32)
+  preactivated = 2 * x
+  assert layers.shortcut(x, preactivated, None, pool_stride=2) is x
+  identity = lambda h: h
+  np.testing.assert_array_equal(layers.shortcut(x, preactivated, identity), preactivated)
+  pooled = layers.shortcut(x, preactivated, identity, pool_stride=2)
+  np.testing.assert_allclose(pooled, preactivated.reshape(2, 2, 2, 2, 2, 3).mean(axis=(2, 4)), rtol=1e-6)

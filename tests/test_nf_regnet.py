@@ -40,7 +40,7 @@ def _expected_param_count(depths, widths, num_classes=1000, width=0.75, expansio
 def test_b0_has_the_reference_releases_parameter_count():
   config = models.model_config('nf_regnet', 'B0')
   assert config.activation == 'silu'
-  assert flops.param_count(config) == 8_595_372 == _expected_param_count(
+  assert flops.model_param_count(config) == 8_595_372 == _expected_param_count(
       nf_regnet.VARIANTS['B0']['depths'], nf_regnet.VARIANTS['B0']['widths'])
 
 
@@ -48,7 +48,7 @@ def test_b0_has_the_reference_releases_parameter_count():
 @pytest.mark.parametrize('variant', ['B1', 'B2'])
 def test_parameter_count_follows_the_architecture(variant):
   entry = nf_regnet.VARIANTS[variant]
-  assert flops.param_count(models.model_config('nf_regnet', variant)) == _expected_param_count(
+  assert flops.model_param_count(models.model_config('nf_regnet', variant)) == _expected_param_count(
       entry['depths'], entry['widths'])
 
 

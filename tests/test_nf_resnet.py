@@ -38,7 +38,7 @@ def _expected_param_count(depths, widths, num_classes=1000, use_se=False, se_rat
 
 def test_resnet50_has_the_reference_releases_parameter_count():
   config = models.model_config('nf_resnet', 'ResNet50')
-  assert flops.param_count(config) == 25_557_048 == _expected_param_count((3, 4, 6, 3), nf_resnet.WIDTHS)
+  assert flops.model_param_count(config) == 25_557_048 == _expected_param_count((3, 4, 6, 3), nf_resnet.WIDTHS)
 
 
 def test_variant_table():
@@ -51,14 +51,14 @@ def test_variant_table():
 @pytest.mark.parametrize('variant', ['ResNet26', 'ResNet101'])
 def test_parameter_count_follows_the_architecture(variant):
   depths = nf_resnet.VARIANTS[variant]['depths']
-  assert flops.param_count(models.model_config('nf_resnet', variant)) == _expected_param_count(
+  assert flops.model_param_count(models.model_config('nf_resnet', variant)) == _expected_param_count(
       depths, nf_resnet.WIDTHS)
 
 
 def test_width_multiplier_squeeze_excite_and_class_count():
   config = models.model_config('nf_resnet', 'ResNet50', width=0.5, use_se=True, num_classes=10)
   widths = tuple(w // 2 for w in nf_resnet.WIDTHS)
-  assert flops.param_count(config) == _expected_param_count((3, 4, 6, 3), widths, 10, use_se=True)
+  assert flops.model_param_count(config) == _expected_param_count((3, 4, 6, 3), widths, 10, use_se=True)
 
 
 def test_module_names_and_shapes():
@@ -81,7 +81,7 @@ def test_module_names_and_shapes():
 def test_betas_and_stochastic_depth_rates_follow_the_bookkeeping():
   def bookkeeping():
     model = nf_resnet.NFResNet(10, depths=(1, 2, 3, 1), widths=(8, 16, 24, 32), alpha=ALPHA)
-    return [b.beta for b in model.blocks], [b.stochdepth_rate for b in model.blocks]
+    return [b.plan.beta for b in model.blocks], [b.plan.stochdepth_rate for b in model.blocks]
 
   betas, rates = hk.transform(bookkeeping).apply({}, None)
   variance, expected = 1.0, []

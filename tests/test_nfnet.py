@@ -106,7 +106,7 @@ def test_wide_variant_and_width_multiplier():
 
 def test_bad_arguments_raise_clear_errors():
   # Bad arguments are the user's (one-line ConfigErrors); a wrongly shaped input is a bug (a plain ValueError).
-  with pytest.raises(models.ConfigError, match=r"unknown NFNet variant 'F9'.*F0, F1"):
+  with pytest.raises(models.ConfigError, match=r"unknown nfnet variant 'F9'.*F0, F1"):
     _abstract_params('F9')
   with pytest.raises(models.ConfigError, match=r"Unknown activation 'gleu'"):
     _abstract_params(activation='gleu')
@@ -122,7 +122,7 @@ def test_bad_arguments_raise_clear_errors():
 def test_block_betas_follow_expected_std_bookkeeping():
   def betas():
     model = nfnet.NFNet(10, **SMALL, alpha=ALPHA)
-    return [b.beta for b in model.blocks], [b.stochdepth_rate for b in model.blocks]
+    return [b.plan.beta for b in model.blocks], [b.plan.stochdepth_rate for b in model.blocks]
 
   got_betas, got_rates = hk.transform(betas).apply({}, None)
   var, expected = 1.0, []

@@ -14,6 +14,7 @@ import configs
 from configs import common
 from nfnets import agc
 from nfnets import models
+from nfnets import param_paths
 from nfnets.models import nfnet
 from nfnets import optim
 
@@ -39,7 +40,7 @@ def nfnet_params(seed=0):
   rng = np.random.default_rng(seed)
 
   def fill(key_path, shape):
-    _, name = agc.param_path(key_path)
+    _, name = param_paths.param_path(key_path)
     if name == 'w':
       return (rng.normal(size=shape.shape) / math.sqrt(np.prod(shape.shape[:-1]))).astype(np.float32)
     if name == 'gain':

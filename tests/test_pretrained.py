@@ -200,7 +200,7 @@ def test_malicious_pickles_are_refused_without_running(tmp_path, protocol):
     path = tmp_path / 'attack.npz'
     path.write_bytes(pickle.dumps({'NFNet/~/linear': {'w': attack}}, protocol=protocol))
     with pytest.raises(pretrained.CheckpointError, match=f'refused to load global {name}'):
-      pretrained.load_official_params(path)
+      pretrained.load_reference(path)
   assert not marker.exists()
   # The payloads are live: an unrestricted unpickler runs them.
   pickle.loads(pickle.dumps(attacks['(builtins|__builtin__).eval'], protocol=protocol))
@@ -210,7 +210,7 @@ def test_malicious_pickles_are_refused_without_running(tmp_path, protocol):
 def _load_error(path) -> str:
   """The CheckpointError message of loading `path`; it must be one line naming the file."""
   with pytest.raises(pretrained.CheckpointError) as error:
-    pretrained.load_official_params(path)
+    pretrained.load_reference(path)
   message = str(error.value)
   assert str(path) in message and '\n' not in message
   return message
@@ -225,7 +225,7 @@ def test_truncated_missing_and_non_tree_files_are_reported_with_their_path(tmp_p
   empty.write_bytes(b'')
   assert 'truncated' in _load_error(empty)
   with pytest.raises(pretrained.CheckpointError, match='absent.npz does not exist'):
-    pretrained.load_official_params(tmp_path / 'absent.npz')
+    pretrained.load_reference(tmp_path / 'absent.npz')
   listing = tmp_path / 'list.npz'
   listing.write_bytes(pickle.dumps([1, 2, 3]))
   assert 'not a Haiku params dict' in _load_error(listing)
@@ -284,12 +284,13 @@ def test_f0_checkpoint_in_the_reference_layout_loads_and_matches_reference_forwa
   # depend on the values. Plain dicts instead of FlatMappings would be 1,375 bytes shorter.
   assert abs(path.stat().st_size - PUBLISHED_F0_SIZE) <= 2
   # Loaded with the stand-ins gone: nothing of Haiku's or dill's pickled names is needed.
-  loaded, variant = pretrained.load_official_params(path)
+  loaded, model_config = pretrained.load_reference(path)
+  variant = model_config['variant']
   assert variant == 'F0'
   assert nfnet.num_classes_of(loaded) == 1000
-  assert pretrained.param_count(loaded) == 71_489_284
+  assert sum(leaf.size for leaf in jax.tree.leaves(loaded)) == 71_489_284
   with pytest.raises(pretrained.CheckpointError, match='holds F0, not the requested F1'):
-    pretrained.load_official_params(path, variant='F1')
+    pretrained.load_reference(path, variant='F1')
 
   model = hk.transform(
       lambda x: nfnet.NFNet(num_classes=1000, variant=variant)(x, is_training=False))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nfnets import distributed
 from nfnets import models
-from nfnets import train_step as train_step_lib
 from nfnets.models import layers
 from tests.helpers import REPO_ROOT
 
@@ -44,12 +44,12 @@ def _loss_and_grads(family: str, remat: bool):
     return jnp.mean(jnp.square(logits)), new_state
 
   def step(params, state, x):
-    rng = jax.random.fold_in(jax.random.PRNGKey(3), jax.lax.axis_index(train_step_lib.AXIS_NAME))
+    rng = jax.random.fold_in(jax.random.PRNGKey(3), jax.lax.axis_index(distributed.AXIS_NAME))
     (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, rng, x)
     return loss, grads, new_state
 
   replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * len(devices)), tree)
-  pmapped = jax.pmap(step, axis_name=train_step_lib.AXIS_NAME)
+  pmapped = jax.pmap(step, axis_name=distributed.AXIS_NAME)
   return jax.device_get(pmapped(replicate(params), replicate(state), images))
 
 

@@ -54,7 +54,7 @@ def _tiny_config(num_steps=6):
 @pytest.mark.parametrize('variant', ['F0', 'F1', 'F0+'])
 def test_parameter_count_follows_the_architecture(variant):
   entry = nfnet.VARIANTS[variant]
-  assert flops.param_count(models.model_config('se_resnext', variant)) == _expected_param_count(
+  assert flops.model_param_count(models.model_config('se_resnext', variant)) == _expected_param_count(
       entry['depths'], entry['widths'])
 
 

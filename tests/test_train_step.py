@@ -10,8 +10,9 @@ from nfnets import distributed
 from nfnets import evaluate
 from nfnets import losses
 from nfnets import optim
-from nfnets import train_step as train_step_lib
+from nfnets import train_state as train_state_lib
 from nfnets import train_state
+from nfnets import train_step as train_step_lib
 from nfnets import trainer
 from nfnets.data import digits
 from nfnets.data import ops_image
@@ -41,8 +42,8 @@ def _batch(num_devices, per_device, seed=0):
 
 
 def _run(step_fn, state, batches, devices):
-  p_step = jax.pmap(step_fn, axis_name=train_step_lib.AXIS_NAME, devices=devices)
-  replicated = distributed.replicate(state, train_step_lib.AXIS_NAME, devices)
+  p_step = jax.pmap(step_fn, axis_name=distributed.AXIS_NAME, devices=devices)
+  replicated = distributed.replicate(state, distributed.AXIS_NAME, devices)
   for batch in batches:
     replicated, metrics = p_step(replicated, batch)
   return distributed.unreplicate(replicated), jax.tree.map(lambda m: m[0], metrics)
@@ -194,12 +195,12 @@ def test_sam_step_updates_with_the_gradient_at_the_ascended_weights():
 
 def test_eval_step_counts_only_unmasked_examples():
   forward, state, _ = _setup()
-  eval_step = jax.pmap(train_step_lib.make_eval_step(forward), axis_name=train_step_lib.AXIS_NAME)
+  eval_step = jax.pmap(train_step_lib.make_eval_step(forward), axis_name=distributed.AXIS_NAME)
   batch = _batch(2, tiny_setup.EVAL_BATCH_SIZE // 2)  # the trainer's eval shapes: its compilation is reused
   labels = np.argmax(batch['labels'], -1).astype(np.int32)
   mask = np.ones(labels.shape, np.float32)
   mask[1, 2:] = 0.0
-  sums = eval_step(distributed.replicate(train_step_lib.eval_weight_sets(state), train_step_lib.AXIS_NAME),
+  sums = eval_step(distributed.replicate(train_step_lib.eval_weight_sets(state), distributed.AXIS_NAME),
                    {'images': batch['images'], 'labels': labels, 'mask': mask})
   sums = jax.tree.map(lambda x: float(x[0]), sums)
   assert sums['count'] == mask.sum()
@@ -224,7 +225,7 @@ def test_uint8_batches_are_normalised_in_the_step_exactly_as_on_the_host():
   forward = hk.transform_with_state(
       lambda images, is_training: hk.Linear(NUM_CLASSES)(images.reshape(images.shape[0], -1)))
   optimizer = optax.sgd(0.1)
-  state = train_step_lib.init_train_state(forward, optimizer, jax.random.PRNGKey(0), host[0])
+  state = train_state_lib.init_train_state(forward, optimizer, jax.random.PRNGKey(0), host[0])
   step = train_step_lib.make_train_step(forward, optimizer, lambda step: 0.1,
                                         label_smoothing=0.1, ema_decay=0.99)
   labels = np.eye(NUM_CLASSES, dtype=np.float32)[np.arange(6).reshape(2, 3) % NUM_CLASSES]
@@ -306,7 +307,7 @@ def test_selecting_many_leaves_on_the_agreed_flag_compiles_to_linear_size():
     leaves = [jax.ShapeDtypeStruct((1, 16, 8), jnp.float32)] * num_leaves
 
     def select_all(new, old):
-      finite = train_step_lib.agreed(jnp.isfinite(train_step_lib.sum_of_squares(new)), 'batch')
+      finite = distributed.agreed(jnp.isfinite(train_step_lib.sum_of_squares(new)), 'batch')
       return train_step_lib.select_tree(finite, new, old)
 
     return len(jax.pmap(select_all, axis_name='batch').lower(leaves, leaves).compile().as_text())

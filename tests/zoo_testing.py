@@ -6,7 +6,6 @@ import pytest
 from nfnets import distributed
 from nfnets import models
 from nfnets import train_state
-from nfnets import train_step as train_step_lib
 from nfnets import trainer
 from tests import helpers
 from tests import reference_forward
@@ -72,11 +71,11 @@ class PmappedStep:
     self.setup = trainer.setup_training(config, tiny_setup.DIGITS_TRAIN_EXAMPLES)
     self.initial_state = train_state.fresh_train_state(self.setup.forward, self.setup.optimizer, config.seed,
                                                        config.data.train_resolution)
-    self._step = jax.pmap(self.setup.train_step, axis_name=train_step_lib.AXIS_NAME)
+    self._step = jax.pmap(self.setup.train_step, axis_name=distributed.AXIS_NAME)
 
   def run(self, batches):
     """[(state, metrics) after each batch], from the initial state; checks both devices agree each time."""
-    replicated = distributed.replicate(self.initial_state, train_step_lib.AXIS_NAME)
+    replicated = distributed.replicate(self.initial_state, distributed.AXIS_NAME)
     history = []
     for batch in batches:
       replicated, metrics = self._step(replicated, batch)

@@ -8,11 +8,16 @@ and registers a `ModelFamily`. The rest of the library reaches models only throu
   abstract_params(model_config)              parameter and state shapes, nothing allocated
   get_family(name).classifier_module         the head that fine-tuning replaces for a new class count
 
-To add a family: write `nfnets/models/<family>.py` with the module, its `VARIANTS` table and a
-`register(ModelFamily(...))` call, import it at the bottom of this file, and add `configs/<family>.py`.
+To add a family: write `nfnets/models/<family>.py` with its block and its module (the NF schedule, residual
+merge and shortcut are `layers`'), its `VARIANTS` table and a `register(ModelFamily(...))` call whose
+`default_model_config` is `signature_config(name, module)`, import it at the bottom of this file, and add
+`configs/<family>.py`.
 """
+import collections.abc
 import contextlib
 import dataclasses
+import inspect
+import typing
 from typing import Any, Callable, Mapping, Optional
 
 import haiku as hk
@@ -36,7 +41,8 @@ class ModelFamily:
     module: the Haiku module; constructed as `module(**model_kwargs)` and called as
       `module(images, is_training=...)`, returning logits (`return_metrics=True` adds signal propagation).
     variants: the architecture table, variant name -> architecture entries (no recipe numbers).
-    default_model_config: variant -> the `config.model` section: exactly the module's arguments plus `name`.
+    default_model_config: variant -> the `config.model` section: exactly the module's arguments plus `name`;
+      `signature_config(name, module)` reads it off the constructor, so the defaults are written once.
     classifier_module: the Haiku module name of the final classifier (not clipped by AGC; re-initialised when
       fine-tuning to a new number of classes).
     config_from_reference: for families with published reference checkpoints, a function that recognises a
@@ -89,6 +95,43 @@ def get_variant(name: str, variant: str) -> Mapping[str, Any]:
   if variant not in family.variants:
     raise ConfigError(f'unknown {name} variant {variant!r}; known: {", ".join(family.variants)}')
   return family.variants[variant]
+
+
+def _placeholder_type(annotation: Any) -> type:
+  """The type of a constructor argument annotated `T | None` (sequences: tuple, as configs hold them)."""
+  kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+  kind = typing.get_origin(kinds[0]) or kinds[0]
+  return tuple if kind in (collections.abc.Sequence, list, tuple) else kind
+
+
+def signature_config(name: str, module: type[hk.Module]) -> Callable[..., ml_collections.ConfigDict]:
+  """A family's `default_model_config`, read off `module`'s constructor so its defaults are written once.
+
+  The `config.model` for a variant is `name`, the variant, and every other constructor argument (but the Haiku
+  module `name`) at its default; an argument defaulting to None becomes a typed placeholder (None: the
+  variant's table entry decides).
+  """
+  parameters = list(inspect.signature(module.__init__).parameters.values())[1:]
+  hints = typing.get_type_hints(module.__init__)
+  missing = [p.name for p in parameters if p.default is inspect.Parameter.empty]
+  if missing:
+    raise TypeError(f'{module.__name__} arguments {missing} need defaults to be config entries')
+  default_variant = next(p.default for p in parameters if p.name == 'variant')
+
+  def default_model_config(variant: str = default_variant) -> ml_collections.ConfigDict:
+    get_variant(name, variant)
+    entries = dict(name=name, variant=variant)
+    for parameter in parameters:
+      if parameter.name in entries:
+        continue
+      default = parameter.default
+      if default is None:
+        default = ml_collections.config_dict.placeholder(_placeholder_type(hints[parameter.name]))
+      entries[parameter.name] = default
+    return ml_collections.ConfigDict(entries)
+
+  default_model_config.__doc__ = f'`config.model` for {module.__name__} `variant`: its constructor\'s defaults.'
+  return default_model_config
 
 
 def model_config(name: str, variant: str, **overrides: Any) -> ml_collections.ConfigDict:

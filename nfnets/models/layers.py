@@ -1,10 +1,13 @@
 """Building blocks of normaliser-free networks (and of the normalised baselines they are compared with).
 
 Each block exists once here: the scaled weight-standardised convolution (and the plain one the batch-normalised
-baseline uses), the gamma-scaled activations, squeeze-excite, stochastic depth and the signal-propagation
-statistics. Model families (``nfnets.models.*``) only compose them.
+baseline uses), the gamma-scaled activations, squeeze-excite, stochastic depth, the NF signal-propagation
+schedule (`block_schedule`: each block's widths, stride, beta and stochastic-depth rate), the residual merge
+(`nf_merge`) and the shortcut (`shortcut`), and the signal-propagation statistics. Model families
+(``nfnets.models.*``) write only their block and their table, and compose these.
 """
-from typing import Any, Callable, Sequence
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -241,6 +244,94 @@ def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool) -> jax.A
   keep_prob = 1.0 - drop_rate
   noise = jax.random.uniform(hk.next_rng_key(), (x.shape[0],) + (1,) * (x.ndim - 1))
   return x * jnp.floor(keep_prob + noise).astype(x.dtype)
+
+
+# ---- The NF core: where each block sits in the signal-propagation bookkeeping, and how its output is formed. ----
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+  """One residual block's place in a network, as `block_schedule` lays it out.
+
+  Attributes:
+    index: the block's position over all stages (0 for the network's first block).
+    index_in_stage: its position in its stage (0 for the stage's first, transition block).
+    in_channels, out_channels: the widths it reads and writes.
+    stride: the stage's stride for its first block, 1 for the others (only a transition downsamples).
+    beta: 1 / the expected standard deviation of its input; the block scales its pre-activated input by it so
+      that its residual branch starts at unit variance.
+    expected_var: the expected variance of its output: alpha² plus its input's, or plus 1 for a stage's first
+      block (its projected shortcut starts afresh at unit variance).
+    stochdepth_rate: its stochastic-depth drop rate, growing linearly from 0 at the first block.
+  """
+  index: int
+  index_in_stage: int
+  in_channels: int
+  out_channels: int
+  stride: int
+  beta: float
+  expected_var: float
+  stochdepth_rate: float
+
+  @property
+  def has_projection(self) -> bool:
+    """Whether the shortcut needs a 1x1 conv: the block changes width or resolution."""
+    return self.stride > 1 or self.in_channels != self.out_channels
+
+
+def block_schedule(in_channels: int, widths: Sequence[int], depths: Sequence[int], strides: Sequence[int], *,
+                   alpha: float, stochdepth_rate: float) -> list[BlockPlan]:
+  """The blocks of a network of stages (`depths[i]` blocks of width `widths[i]`, the first strided by
+  `strides[i]`) reading an `in_channels`-wide stem, with the NF bookkeeping of their signal's variance.
+
+  A block outputs `shortcut + alpha * residual`, its residual branch at unit variance (its input scaled by
+  beta = 1/expected std); so the expected variance grows by alpha² per block. A stage's first block
+  projects its shortcut from the beta-scaled input, which restarts the count at 1 (+ alpha²). Networks
+  without the bookkeeping (the batch-normalised baseline) pass alpha=0: every beta is then 1.
+  """
+  plans = []
+  num_blocks = sum(depths)
+  expected_std = 1.0
+  for width, depth, stage_stride in zip(widths, depths, strides):
+    for index_in_stage in range(depth):
+      index = len(plans)
+      beta = 1.0 / expected_std
+      if index_in_stage == 0:
+        expected_std = 1.0
+      # Kept as a standard deviation, updated as the reference does, so every beta is the same float.
+      expected_std = (expected_std**2 + alpha**2)**0.5
+      plans.append(BlockPlan(
+          index=index, index_in_stage=index_in_stage, in_channels=in_channels, out_channels=width,
+          stride=stage_stride if index_in_stage == 0 else 1, beta=beta, expected_var=expected_std**2,
+          stochdepth_rate=stochdepth_rate * index / num_blocks))
+      in_channels = width
+  return plans
+
+
+def shortcut(x: jax.Array, preactivated: jax.Array, projection: Optional[Callable[[jax.Array], jax.Array]],
+             pool_stride: int = 1) -> jax.Array:
+  """A block's shortcut: `x` itself, or (for a block that has a projection) the projection of its
+  pre-activated input, after a 2x2 average pool when `pool_stride` is 2.
+
+  The average-pool shortcut ('-D' ResNets: NFNets, NF-RegNets, the SE-ResNeXt-D baseline) pools and
+  projects with a stride-1 conv; NF-ResNets pass pool_stride=1 and stride the projection itself.
+  """
+  if projection is None:
+    return x
+  if pool_stride > 1:
+    window = (1, pool_stride, pool_stride, 1)
+    preactivated = hk.avg_pool(preactivated, window_shape=window, strides=window, padding='SAME')
+  return projection(preactivated)
+
+
+def nf_merge(residual: jax.Array, shortcut_value: jax.Array, *, alpha: float, stochdepth_rate: float,
+             is_training: bool) -> jax.Array:
+  """An NF block's output: its residual branch through stochastic depth, times the calling module's
+  zero-initialised scalar 'skip_gain' (so every block starts as the identity), times alpha, plus the shortcut.
+  """
+  out = stochastic_depth(residual, stochdepth_rate, is_training)
+  skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
+  out = out * skip_gain.astype(out.dtype)
+  return out * jnp.asarray(alpha, out.dtype) + shortcut_value
 
 
 def _channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:

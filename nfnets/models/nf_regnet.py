@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from nfnets import models
 from nfnets.errors import ConfigError
@@ -41,7 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'B7': dict(widths=(96, 208, 416, 880), depths=(4, 10, 19, 19)),
     'B8': dict(widths=(104, 232, 456, 968), depths=(4, 11, 22, 22)),
 }
-NUM_STAGES = 4
+# Every stage starts with a strided block.
+STRIDES = (2, 2, 2, 2)
 # The head widens like EfficientNet-B0's (440 -> 1280 channels), in proportion to the last stage.
 HEAD_RATIO = (1280, 440)
 
@@ -49,49 +49,37 @@ HEAD_RATIO = (1280, 440)
 class NFRegNetBlock(hk.Module):
   """Inverted bottleneck: act(x)*beta -> 1x1 expand -> 3x3 grouped (strided) -> SE -> 1x1 project.
 
-  Output is ``residual * skip_gain * alpha + shortcut``; `__call__` returns (output, residual branch before
-  stochastic depth and skip gain).
+  Output is ``residual * skip_gain * alpha + shortcut`` (`layers.nf_merge`), the shortcut average-pooled;
+  `__call__` returns (output, residual branch before stochastic depth and skip gain).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, expansion: float, group_width: int,
-               stride: int = 1, beta: float = 1.0, alpha: float = 0.2, se_ratio: float = 0.5,
-               stochdepth_rate: float = 0.0, activation: str = 'silu', grouped_conv: str = 'auto',
-               name: str | None = None):
+  def __init__(self, plan: layers.BlockPlan, *, expansion: float, group_width: int, alpha: float,
+               se_ratio: float, activation: str, grouped_conv: str, name: str | None = None):
     super().__init__(name=name)
-    self.stride = stride
-    self.beta = beta
+    self.plan = plan
     self.alpha = alpha
-    self.stochdepth_rate = stochdepth_rate
     self.activation = layers.get_activation(activation)
     # The expanded width is rounded down to whole groups.
-    groups = max(1, int(in_channels * expansion) // group_width)
+    groups = max(1, int(plan.in_channels * expansion) // group_width)
     width = groups * group_width
     self.conv0 = layers.WSConv2D(width, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(width, 3, stride=stride, feature_group_count=groups,
+    self.conv1 = layers.WSConv2D(width, 3, stride=plan.stride, feature_group_count=groups,
                                  grouped_conv=grouped_conv, name='conv1')
     self.squeeze_excite = layers.SqueezeExcite(width, se_ratio)
-    self.conv2 = layers.WSConv2D(out_channels, 1, name='conv2')
-    self.has_shortcut_conv = stride > 1 or in_channels != out_channels
-    if self.has_shortcut_conv:
-      self.conv_shortcut = layers.WSConv2D(out_channels, 1, name='conv_shortcut')
+    self.conv2 = layers.WSConv2D(plan.out_channels, 1, name='conv2')
+    self.conv_shortcut = (layers.WSConv2D(plan.out_channels, 1, name='conv_shortcut')
+                          if plan.has_projection else None)
 
   def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
-    out = self.activation(x) * jnp.asarray(self.beta, x.dtype)
-    if self.stride > 1:
-      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME')
-      shortcut = self.conv_shortcut(shortcut)
-    elif self.has_shortcut_conv:
-      shortcut = self.conv_shortcut(out)
-    else:
-      shortcut = x
+    out = self.activation(x) * jnp.asarray(self.plan.beta, x.dtype)
+    shortcut = layers.shortcut(x, out, self.conv_shortcut, pool_stride=self.plan.stride)
     out = self.conv0(out)
     out = self.conv1(self.activation(out))
     out = 2 * self.squeeze_excite(out).astype(out.dtype) * out
     residual = self.conv2(self.activation(out))
-    out = layers.stochastic_depth(residual, self.stochdepth_rate, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
-    out = out * skip_gain.astype(out.dtype)
-    return out * jnp.asarray(self.alpha, out.dtype) + shortcut, residual
+    out = layers.nf_merge(residual, shortcut, alpha=self.alpha, stochdepth_rate=self.plan.stochdepth_rate,
+                          is_training=is_training)
+    return out, residual
 
 
 class NFRegNet(hk.Module):
@@ -102,10 +90,11 @@ class NFRegNet(hk.Module):
 
   `width` multiplies the table's stage widths (0.75, as published); `expansion` is the inverted bottleneck's
   ratio (the network's first block uses 1); `group_width` the channels per group of the 3x3 convs.
-  `depths`/`widths` override the variant's (before `width`). `grouped_conv` as in `NFNet`.
+  `depths`/`widths` override the variant's (before `width`). `grouped_conv` and `remat` as in `NFNet`. These
+  defaults are also the config's (`default_model_config`).
   """
 
-  def __init__(self, num_classes: int, variant: str = 'B0', width: float = 0.75, expansion: float = 2.25,
+  def __init__(self, num_classes: int = 1000, variant: str = 'B0', width: float = 0.75, expansion: float = 2.25,
                group_width: int = 8, se_ratio: float = 0.5, alpha: float = 0.2, stochdepth_rate: float = 0.1,
                drop_rate: float = 0.0, activation: str = 'silu', depths: Sequence[int] | None = None,
                widths: Sequence[int] | None = None, grouped_conv: str = 'auto', remat: bool = False,
@@ -114,28 +103,21 @@ class NFRegNet(hk.Module):
     entry = models.get_variant('nf_regnet', variant)
     self.depths = tuple(depths if depths is not None else entry['depths'])
     self.widths = tuple(int(w * width) for w in (widths if widths is not None else entry['widths']))
-    if len(self.depths) != NUM_STAGES or len(self.widths) != NUM_STAGES:
-      raise ConfigError(f'depths and widths need {NUM_STAGES} stages, got {self.depths} and {self.widths}')
+    if len(self.depths) != len(STRIDES) or len(self.widths) != len(STRIDES):
+      raise ConfigError(f'depths and widths need {len(STRIDES)} stages, got {self.depths} and {self.widths}')
     self.drop_rate = drop_rate
     self.remat = remat
     self.activation = layers.get_activation(activation)
     channels = self.widths[0]
     self.initial_conv = layers.WSConv2D(channels, 3, stride=2, name='initial_conv')
-    self.blocks = []
-    num_blocks = sum(self.depths)
-    expected_std = 1.0
-    for stage_width, depth in zip(self.widths, self.depths):
-      for index_in_stage in range(depth):
-        self.blocks.append(NFRegNetBlock(
-            channels, stage_width, expansion=1.0 if not self.blocks else expansion,
-            group_width=group_width, stride=2 if index_in_stage == 0 else 1, beta=1.0 / expected_std,
-            alpha=alpha, se_ratio=se_ratio, stochdepth_rate=stochdepth_rate * len(self.blocks) / num_blocks,
-            activation=activation, grouped_conv=grouped_conv, name='nf_block'))
-        channels = stage_width
-        if index_in_stage == 0:
-          expected_std = 1.0
-        expected_std = (expected_std**2 + alpha**2)**0.5
-    self.final_conv = layers.WSConv2D(HEAD_RATIO[0] * channels // HEAD_RATIO[1], 1, name='final_conv')
+    plans = layers.block_schedule(channels, self.widths, self.depths, STRIDES, alpha=alpha,
+                                  stochdepth_rate=stochdepth_rate)
+    # The network's first block does not expand (its input is the stem's, as wide as the first stage).
+    self.blocks = [NFRegNetBlock(plan, expansion=1.0 if plan.index == 0 else expansion, group_width=group_width,
+                                 alpha=alpha, se_ratio=se_ratio, activation=activation, grouped_conv=grouped_conv,
+                                 name='nf_block') for plan in plans]
+    self.final_conv = layers.WSConv2D(HEAD_RATIO[0] * plans[-1].out_channels // HEAD_RATIO[1], 1,
+                                      name='final_conv')
     self.linear = hk.Linear(num_classes, w_init=jnp.zeros, name='linear')
 
   def __call__(self, x: jax.Array, is_training: bool, return_metrics: bool = False):
@@ -148,25 +130,7 @@ class NFRegNet(hk.Module):
                                     signal=signal, return_metrics=return_metrics)
 
 
-def default_model_config(variant: str = 'B0') -> ml_collections.ConfigDict:
-  """`config.model` for NF-RegNet `variant`: the module's arguments (the configs add the recipe's dropout)."""
-  return ml_collections.ConfigDict(dict(
-      name='nf_regnet',
-      variant=variant,
-      num_classes=1000,
-      width=0.75,
-      expansion=2.25,
-      group_width=8,
-      se_ratio=0.5,
-      alpha=0.2,
-      stochdepth_rate=0.1,
-      drop_rate=0.0,
-      activation='silu',
-      grouped_conv='auto',
-      remat=False,                # recompute each block's activations in the backward pass
-      depths=ml_collections.config_dict.placeholder(tuple),
-      widths=ml_collections.config_dict.placeholder(tuple),
-  ))
+default_model_config = models.signature_config('nf_regnet', NFRegNet)
 
 
 models.register(models.ModelFamily(

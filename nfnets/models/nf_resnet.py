@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from nfnets import models
 from nfnets.errors import ConfigError
@@ -45,41 +44,37 @@ VARIANTS: dict[str, dict[str, Any]] = {
 class NFResBlock(hk.Module):
   """Pre-activation NF bottleneck: act(x)*beta -> 1x1 -> 3x3 (strided) -> 1x1 [-> SE].
 
-  Output is ``residual * skip_gain * alpha + shortcut``, the shortcut being a strided 1x1 conv of
-  act(x)*beta when the block changes width or resolution, else x. `__call__` returns (output, residual
+  Output is ``residual * skip_gain * alpha + shortcut`` (`layers.nf_merge`), the shortcut being a strided 1x1
+  conv of act(x)*beta when the block changes width or resolution, else x. `__call__` returns (output, residual
   branch before stochastic depth and skip gain).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, beta: float = 1.0,
-               alpha: float = 0.2, stochdepth_rate: float = 0.0, activation: str = 'relu',
-               use_se: bool = False, se_ratio: float = 0.25, name: str | None = None):
+  def __init__(self, plan: layers.BlockPlan, *, alpha: float, activation: str, use_se: bool, se_ratio: float,
+               name: str | None = None):
     super().__init__(name=name)
-    self.beta = beta
+    self.plan = plan
     self.alpha = alpha
-    self.stochdepth_rate = stochdepth_rate
     self.activation = layers.get_activation(activation)
-    width = int(out_channels * BOTTLENECK_RATIO)
+    width = int(plan.out_channels * BOTTLENECK_RATIO)
     self.conv0 = layers.WSConv2D(width, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(width, 3, stride=stride, name='conv1')
-    self.conv2 = layers.WSConv2D(out_channels, 1, name='conv2')
-    self.has_shortcut_conv = stride > 1 or in_channels != out_channels
-    if self.has_shortcut_conv:
-      self.conv_shortcut = layers.WSConv2D(out_channels, 1, stride=stride, name='conv_shortcut')
-    self.squeeze_excite = layers.SqueezeExcite(out_channels, se_ratio) if use_se else None
+    self.conv1 = layers.WSConv2D(width, 3, stride=plan.stride, name='conv1')
+    self.conv2 = layers.WSConv2D(plan.out_channels, 1, name='conv2')
+    self.conv_shortcut = (layers.WSConv2D(plan.out_channels, 1, stride=plan.stride, name='conv_shortcut')
+                          if plan.has_projection else None)
+    self.squeeze_excite = layers.SqueezeExcite(plan.out_channels, se_ratio) if use_se else None
 
   def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
-    out = self.activation(x) * jnp.asarray(self.beta, x.dtype)
-    shortcut = self.conv_shortcut(out) if self.has_shortcut_conv else x
+    out = self.activation(x) * jnp.asarray(self.plan.beta, x.dtype)
+    shortcut = layers.shortcut(x, out, self.conv_shortcut)
     out = self.conv0(out)
     out = self.conv1(self.activation(out))
     out = self.conv2(self.activation(out))
     if self.squeeze_excite is not None:
       out = 2 * self.squeeze_excite(out).astype(out.dtype) * out
     residual = out
-    out = layers.stochastic_depth(out, self.stochdepth_rate, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
-    out = out * skip_gain.astype(out.dtype)
-    return out * jnp.asarray(self.alpha, out.dtype) + shortcut, residual
+    out = layers.nf_merge(residual, shortcut, alpha=self.alpha, stochdepth_rate=self.plan.stochdepth_rate,
+                          is_training=is_training)
+    return out, residual
 
 
 class NFResNet(hk.Module):
@@ -89,10 +84,11 @@ class NFResNet(hk.Module):
   ``return_metrics=True`` a dict with 'logits', 'pooled_features' and 'signal_propagation' (as NFNet's).
 
   `width` multiplies the stage widths (256, 512, 1024, 2048); `depths`/`widths` override the variant's
-  (the stem is a quarter of the first stage's width). `drop_rate` is the head's dropout.
+  (the stem is a quarter of the first stage's width). `drop_rate` is the head's dropout. `remat` recomputes each
+  block's activations in the backward pass. These defaults are also the config's (`default_model_config`).
   """
 
-  def __init__(self, num_classes: int, variant: str = 'ResNet50', width: float = 1.0, alpha: float = 0.2,
+  def __init__(self, num_classes: int = 1000, variant: str = 'ResNet50', width: float = 1.0, alpha: float = 0.2,
                stochdepth_rate: float = 0.1, drop_rate: float = 0.0, activation: str = 'relu',
                use_se: bool = False, se_ratio: float = 0.25, depths: Sequence[int] | None = None,
                widths: Sequence[int] | None = None, remat: bool = False, name: str = 'NF_ResNet'):
@@ -107,21 +103,10 @@ class NFResNet(hk.Module):
     self.activation = layers.get_activation(activation)
     channels = self.widths[0] // 4
     self.initial_conv = layers.WSConv2D(channels, 7, stride=2, name='initial_conv')
-    self.blocks = []
-    num_blocks = sum(self.depths)
-    expected_std = 1.0
-    for stage_width, depth, stride in zip(self.widths, self.depths, STRIDES):
-      for index_in_stage in range(depth):
-        self.blocks.append(NFResBlock(
-            channels, stage_width, stride=stride if index_in_stage == 0 else 1,
-            beta=1.0 / expected_std, alpha=alpha,
-            stochdepth_rate=stochdepth_rate * len(self.blocks) / num_blocks,
-            activation=activation, use_se=use_se, se_ratio=se_ratio))
-        channels = stage_width
-        # A stage's first block sees a fresh (unit-variance) shortcut; then each block adds alpha^2.
-        if index_in_stage == 0:
-          expected_std = 1.0
-        expected_std = (expected_std**2 + alpha**2)**0.5
+    plans = layers.block_schedule(channels, self.widths, self.depths, STRIDES, alpha=alpha,
+                                  stochdepth_rate=stochdepth_rate)
+    self.blocks = [NFResBlock(plan, alpha=alpha, activation=activation, use_se=use_se, se_ratio=se_ratio)
+                   for plan in plans]
     self.linear = hk.Linear(num_classes, w_init=hk.initializers.RandomNormal(0.01), name='linear')
 
   def __call__(self, x: jax.Array, is_training: bool, return_metrics: bool = False):
@@ -134,23 +119,7 @@ class NFResNet(hk.Module):
                                     is_training=is_training, signal=signal, return_metrics=return_metrics)
 
 
-def default_model_config(variant: str = 'ResNet50') -> ml_collections.ConfigDict:
-  """`config.model` for NF-ResNet `variant`: the module's arguments (the configs set the recipe's values)."""
-  return ml_collections.ConfigDict(dict(
-      name='nf_resnet',
-      variant=variant,
-      num_classes=1000,
-      width=1.0,
-      alpha=0.2,
-      stochdepth_rate=0.1,
-      drop_rate=0.0,
-      activation='relu',
-      use_se=False,
-      se_ratio=0.25,
-      remat=False,                # recompute each block's activations in the backward pass
-      depths=ml_collections.config_dict.placeholder(tuple),
-      widths=ml_collections.config_dict.placeholder(tuple),
-  ))
+default_model_config = models.signature_config('nf_resnet', NFResNet)
 
 
 models.register(models.ModelFamily(

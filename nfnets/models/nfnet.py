@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from nfnets import models
@@ -44,13 +43,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 VARIANTS.update({f'{name}+': dict(entry, widths=WIDE_WIDTHS) for name, entry in list(VARIANTS.items())})
 
 
-def get_variant(variant: str) -> dict[str, Any]:
-  """The VARIANTS entry for `variant`, with a one-line error for unknown names."""
-  if variant not in VARIANTS:
-    raise ConfigError(f'unknown NFNet variant {variant!r}; known: {", ".join(VARIANTS)}')
-  return VARIANTS[variant]
-
-
 def bottleneck_width(out_channels: int, group_width: int) -> tuple[int, int]:
   """(width, groups) of a block's grouped 3x3 convs: half the output width, in whole groups of `group_width`.
 
@@ -66,52 +58,37 @@ def bottleneck_width(out_channels: int, group_width: int) -> tuple[int, int]:
 class NFBlock(hk.Module):
   """NF block: act(x)*beta -> 1x1 -> 3x3 (grouped, strided) -> 3x3 (grouped) -> 1x1 -> SE.
 
-  Output is ``residual * skip_gain * alpha + shortcut``; `__call__` returns (output, residual
-  branch before stochastic depth and skip gain).
+  Output is ``residual * skip_gain * alpha + shortcut`` (`layers.nf_merge`), the shortcut average-pooled;
+  `__call__` returns (output, residual branch before stochastic depth and skip gain).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, beta: float = 1.0,
-               alpha: float = 0.2, se_ratio: float = 0.5, group_width: int = 128,
-               stochdepth_rate: float = 0.0, activation: str = 'gelu',
-               grouped_conv: str = 'auto', name: str | None = None):
+  def __init__(self, plan: layers.BlockPlan, *, alpha: float, se_ratio: float, group_width: int,
+               activation: str, grouped_conv: str, name: str | None = None):
     super().__init__(name=name)
-    self.in_channels = in_channels
-    self.out_channels = out_channels
-    self.stride = stride
-    self.beta = beta
+    self.plan = plan
     self.alpha = alpha
-    self.stochdepth_rate = stochdepth_rate
     self.activation = layers.get_activation(activation)
-    width, groups = bottleneck_width(out_channels, group_width)
+    width, groups = bottleneck_width(plan.out_channels, group_width)
     conv = lambda ch, k, name, stride=1, groups=1: layers.WSConv2D(
         ch, k, stride=stride, feature_group_count=groups, grouped_conv=grouped_conv, name=name)
     self.conv0 = conv(width, 1, 'conv0')
-    self.conv1 = conv(width, 3, 'conv1', stride=stride, groups=groups)
+    self.conv1 = conv(width, 3, 'conv1', stride=plan.stride, groups=groups)
     self.conv1b = conv(width, 3, 'conv1b', groups=groups)
-    self.conv2 = conv(out_channels, 1, 'conv2')
-    self.has_shortcut_conv = stride > 1 or in_channels != out_channels
-    if self.has_shortcut_conv:
-      self.conv_shortcut = conv(out_channels, 1, 'conv_shortcut')
-    self.squeeze_excite = layers.SqueezeExcite(out_channels, se_ratio)
+    self.conv2 = conv(plan.out_channels, 1, 'conv2')
+    self.conv_shortcut = conv(plan.out_channels, 1, 'conv_shortcut') if plan.has_projection else None
+    self.squeeze_excite = layers.SqueezeExcite(plan.out_channels, se_ratio)
 
   def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
-    out = self.activation(x) * jnp.asarray(self.beta, x.dtype)
-    if self.stride > 1:
-      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME')
-      shortcut = self.conv_shortcut(shortcut)
-    elif self.has_shortcut_conv:
-      shortcut = self.conv_shortcut(out)
-    else:
-      shortcut = x
+    out = self.activation(x) * jnp.asarray(self.plan.beta, x.dtype)
+    shortcut = layers.shortcut(x, out, self.conv_shortcut, pool_stride=self.plan.stride)
     out = self.conv0(out)
     out = self.conv1(self.activation(out))
     out = self.conv1b(self.activation(out))
     out = self.conv2(self.activation(out))
     residual = 2 * self.squeeze_excite(out).astype(out.dtype) * out
-    out = layers.stochastic_depth(residual, self.stochdepth_rate, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), jnp.float32, init=jnp.zeros)
-    out = out * skip_gain.astype(out.dtype)
-    return out * jnp.asarray(self.alpha, out.dtype) + shortcut, residual
+    out = layers.nf_merge(residual, shortcut, alpha=self.alpha, stochdepth_rate=self.plan.stochdepth_rate,
+                          is_training=is_training)
+    return out, residual
 
 
 class NFNet(hk.Module):
@@ -123,20 +100,22 @@ class NFNet(hk.Module):
   block output's channel statistics and of the residual branch's variance).
 
   `width` multiplies the stage widths; `depths`/`widths` override the variant's; `stem_width` sets the stem's
-  output width (default: half the first stage's width, as in every published variant). `drop_rate` is the head's
-  dropout (the paper's per-variant rates are in configs/nfnet.py). `grouped_conv`
-  picks how grouped 3x3 convs run: 'native' (one grouped conv), 'split' (one conv per group,
-  same parameters and results; much faster on XLA CPU) or 'auto' (split on CPU only).
+  output width (default: half the first stage's width, as in every published variant; timm's NFNets keep a
+  128-wide stem whatever their widths). `drop_rate` is the head's dropout (the paper's per-variant rates are in
+  configs/nfnet.py). `grouped_conv` picks how grouped 3x3 convs run: 'native' (one grouped conv), 'split' (one
+  conv per group, same parameters and results; much faster on XLA CPU) or 'auto' (split on CPU only). `remat`
+  recomputes each block's activations in the backward pass (`layers.run_blocks`). These defaults are also the
+  config's (`default_model_config`).
   """
 
-  def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0,
+  def __init__(self, num_classes: int = 1000, variant: str = 'F0', width: float = 1.0,
                alpha: float = 0.2, se_ratio: float = 0.5, stochdepth_rate: float = 0.25,
                drop_rate: float = 0.0, activation: str = 'gelu',
                depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
                group_width: int = 128, grouped_conv: str = 'auto', stem_width: int | None = None,
                remat: bool = False, name: str = 'NFNet'):
     super().__init__(name=name)
-    config = get_variant(variant)
+    config = models.get_variant('nfnet', variant)
     self.num_classes = num_classes
     self.depths = tuple(depths if depths is not None else config['depths'])
     base_widths = widths if widths is not None else config['widths']
@@ -151,22 +130,11 @@ class NFNet(hk.Module):
     stem_widths = (*STEM_WIDTHS, stem_width or self.widths[0] // 2)
     self.stem = [conv(ch, stride, f'stem_conv{i}')
                  for i, (ch, stride) in enumerate(zip(stem_widths, STEM_STRIDES))]
-    self.blocks = []
-    num_blocks = sum(self.depths)
-    channels = stem_widths[-1]
-    expected_std = 1.0
-    for stage_width, depth, stride in zip(self.widths, self.depths, STRIDES):
-      for index_in_stage in range(depth):
-        self.blocks.append(NFBlock(
-            channels, stage_width, stride=stride if index_in_stage == 0 else 1,
-            beta=1.0 / expected_std, alpha=alpha, se_ratio=se_ratio, group_width=group_width,
-            stochdepth_rate=stochdepth_rate * len(self.blocks) / num_blocks,
-            activation=activation, grouped_conv=grouped_conv))
-        channels = stage_width
-        if index_in_stage == 0:
-          expected_std = 1.0
-        expected_std = (expected_std**2 + alpha**2)**0.5
-    self.final_conv = layers.WSConv2D(2 * channels, 1, name='final_conv')
+    plans = layers.block_schedule(stem_widths[-1], self.widths, self.depths, STRIDES, alpha=alpha,
+                                  stochdepth_rate=stochdepth_rate)
+    self.blocks = [NFBlock(plan, alpha=alpha, se_ratio=se_ratio, group_width=group_width, activation=activation,
+                           grouped_conv=grouped_conv) for plan in plans]
+    self.final_conv = layers.WSConv2D(2 * plans[-1].out_channels, 1, name='final_conv')
     self.linear = hk.Linear(num_classes, w_init=hk.initializers.RandomNormal(0.01), name='linear')
 
   def __call__(self, x: jax.Array, is_training: bool, return_metrics: bool = False):
@@ -231,28 +199,7 @@ def config_from_reference(params: Mapping[str, Mapping[str, Any]]) -> dict[str, 
   return dict(variant=infer_variant(params), num_classes=num_classes_of(params))
 
 
-def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
-  """`config.model` for NFNet `variant`: the module's arguments (the configs add the recipe's dropout)."""
-  get_variant(variant)
-  return ml_collections.ConfigDict(dict(
-      name='nfnet',
-      variant=variant,
-      num_classes=1000,
-      width=1.0,
-      alpha=0.2,
-      se_ratio=0.5,
-      stochdepth_rate=0.25,
-      drop_rate=0.0,
-      activation='gelu',
-      group_width=128,
-      grouped_conv='auto',
-      remat=False,                # recompute each block's activations in the backward pass
-      # Architecture overrides for small presets; None keeps the variant's table entry.
-      depths=ml_collections.config_dict.placeholder(tuple),
-      widths=ml_collections.config_dict.placeholder(tuple),
-      # None: half the first stage's width. timm's NFNets keep a 128-wide stem whatever their widths.
-      stem_width=ml_collections.config_dict.placeholder(int),
-  ))
+default_model_config = models.signature_config('nfnet', NFNet)
 
 
 models.register(models.ModelFamily(

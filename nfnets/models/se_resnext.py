@@ -33,24 +33,14 @@ from typing import Optional, Sequence
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from nfnets import distributed
 from nfnets import models
 from nfnets.errors import ConfigError
 from nfnets.models import layers
 from nfnets.models import nfnet
-from nfnets.train_step import AXIS_NAME
 
 VARIANTS = nfnet.VARIANTS
-
-
-def axis_is_bound(axis_name: str) -> bool:
-  """Whether a collective over `axis_name` is possible here (we are inside a pmap over that axis)."""
-  try:
-    jax.lax.axis_index(axis_name)
-  except NameError:
-    return False
-  return True
 
 
 class BatchNorm(hk.Module):
@@ -71,7 +61,7 @@ class BatchNorm(hk.Module):
     scale = hk.get_parameter('scale', (channels,), jnp.float32, init=jnp.ones)
     offset = hk.get_parameter('offset', (channels,), jnp.float32, init=jnp.zeros)
     axis = self.cross_replica_axis
-    if not (is_training and axis is not None and axis_is_bound(axis)):
+    if not (is_training and axis is not None and distributed.axis_is_bound(axis)):
       axis = None
     norm = hk.BatchNorm(create_scale=False, create_offset=False, decay_rate=self.decay_rate,
                         cross_replica_axis=axis, name='batch_norm')
@@ -80,45 +70,35 @@ class BatchNorm(hk.Module):
 
 class SEResNeXtDBlock(hk.Module):
   """Pre-activation block: act(bn0(x)) -> 1x1 -> bn,act -> 3x3 grouped (strided) -> bn,act -> 3x3 grouped
-  -> bn,act -> 1x1 -> SE; output ``residual + shortcut``. `__call__` returns (output, residual branch before
-  stochastic depth)."""
+  -> bn,act -> 1x1 -> SE; output ``residual + shortcut``, the shortcut average-pooled. `__call__` returns
+  (output, residual branch before stochastic depth)."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, stride: int, se_ratio: float, group_width: int,
-               stochdepth_rate: float, activation: str, grouped_conv: str, bn_decay: float,
-               cross_replica_axis: Optional[str], name: Optional[str] = None):
+  def __init__(self, plan: layers.BlockPlan, *, se_ratio: float, group_width: int, activation: str,
+               grouped_conv: str, bn_decay: float, cross_replica_axis: Optional[str], name: Optional[str] = None):
     super().__init__(name=name)
-    self.stride = stride
-    self.stochdepth_rate = stochdepth_rate
+    self.plan = plan
     self.activation = layers.get_activation(activation, scaled=False)
-    width, groups = nfnet.bottleneck_width(out_channels, group_width)
+    width, groups = nfnet.bottleneck_width(plan.out_channels, group_width)
     conv = lambda ch, k, name, stride=1, groups=1: layers.Conv2D(
         ch, k, stride=stride, feature_group_count=groups, grouped_conv=grouped_conv, name=name)
     self.norms = [BatchNorm(bn_decay, cross_replica_axis, name=f'bn{i}') for i in range(4)]
     self.conv0 = conv(width, 1, 'conv0')
-    self.conv1 = conv(width, 3, 'conv1', stride=stride, groups=groups)
+    self.conv1 = conv(width, 3, 'conv1', stride=plan.stride, groups=groups)
     self.conv1b = conv(width, 3, 'conv1b', groups=groups)
-    self.conv2 = conv(out_channels, 1, 'conv2')
-    self.has_shortcut_conv = stride > 1 or in_channels != out_channels
-    if self.has_shortcut_conv:
-      self.conv_shortcut = conv(out_channels, 1, 'conv_shortcut')
-    self.squeeze_excite = layers.SqueezeExcite(out_channels, se_ratio)
+    self.conv2 = conv(plan.out_channels, 1, 'conv2')
+    self.conv_shortcut = conv(plan.out_channels, 1, 'conv_shortcut') if plan.has_projection else None
+    self.squeeze_excite = layers.SqueezeExcite(plan.out_channels, se_ratio)
 
   def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
     norm_act = lambda i, h: self.activation(self.norms[i](h, is_training))
     out = norm_act(0, x)
-    if self.stride > 1:
-      shortcut = hk.avg_pool(out, window_shape=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='SAME')
-      shortcut = self.conv_shortcut(shortcut)
-    elif self.has_shortcut_conv:
-      shortcut = self.conv_shortcut(out)
-    else:
-      shortcut = x
+    shortcut = layers.shortcut(x, out, self.conv_shortcut, pool_stride=self.plan.stride)
     out = self.conv0(out)
     out = self.conv1(norm_act(1, out))
     out = self.conv1b(norm_act(2, out))
     out = self.conv2(norm_act(3, out))
     residual = self.squeeze_excite(out).astype(out.dtype) * out
-    return layers.stochastic_depth(residual, self.stochdepth_rate, is_training) + shortcut, residual
+    return layers.stochastic_depth(residual, self.plan.stochdepth_rate, is_training) + shortcut, residual
 
 
 class SEResNeXtD(hk.Module):
@@ -128,13 +108,15 @@ class SEResNeXtD(hk.Module):
   ``return_metrics=True`` a dict with 'logits', 'pooled_features' and 'signal_propagation' (as NFNet's).
   Arguments as `NFNet`'s where they mean the same; `bn_decay` is the moving averages' decay and
   `cross_replica_axis` the pmap axis the training statistics are averaged over ('' or None: per device).
+  These defaults are also the config's (`default_model_config`).
   """
 
-  def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0, se_ratio: float = 0.5,
+  def __init__(self, num_classes: int = 1000, variant: str = 'F0', width: float = 1.0, se_ratio: float = 0.5,
                stochdepth_rate: float = 0.25, drop_rate: float = 0.0, activation: str = 'gelu',
                depths: Sequence[int] | None = None, widths: Sequence[int] | None = None,
                group_width: int = 128, grouped_conv: str = 'auto', bn_decay: float = 0.9,
-               cross_replica_axis: Optional[str] = AXIS_NAME, remat: bool = False, name: str = 'SEResNeXtD'):
+               cross_replica_axis: Optional[str] = distributed.AXIS_NAME, remat: bool = False,
+               name: str = 'SEResNeXtD'):
     super().__init__(name=name)
     entry = models.get_variant('se_resnext', variant)
     self.depths = tuple(depths if depths is not None else entry['depths'])
@@ -150,18 +132,13 @@ class SEResNeXtD(hk.Module):
     self.stem = [layers.Conv2D(ch, 3, stride=stride, name=f'stem_conv{i}')
                  for i, (ch, stride) in enumerate(zip(stem_widths, nfnet.STEM_STRIDES))]
     self.stem_norms = [norm(f'stem_bn{i}') for i in range(len(self.stem) - 1)]
-    self.blocks = []
-    num_blocks = sum(self.depths)
-    channels = stem_widths[-1]
-    for stage_width, depth, stride in zip(self.widths, self.depths, nfnet.STRIDES):
-      for index_in_stage in range(depth):
-        self.blocks.append(SEResNeXtDBlock(
-            channels, stage_width, stride=stride if index_in_stage == 0 else 1, se_ratio=se_ratio,
-            group_width=group_width, stochdepth_rate=stochdepth_rate * len(self.blocks) / num_blocks,
-            activation=activation, grouped_conv=grouped_conv, bn_decay=bn_decay,
-            cross_replica_axis=cross_replica_axis, name='block'))
-        channels = stage_width
-    self.final_conv = layers.Conv2D(2 * channels, 1, name='final_conv')
+    # NFNet's schedule of widths, strides and stochastic-depth rates; no alpha: normalisation keeps the variance.
+    plans = layers.block_schedule(stem_widths[-1], self.widths, self.depths, nfnet.STRIDES, alpha=0.0,
+                                  stochdepth_rate=stochdepth_rate)
+    self.blocks = [SEResNeXtDBlock(plan, se_ratio=se_ratio, group_width=group_width, activation=activation,
+                                   grouped_conv=grouped_conv, bn_decay=bn_decay,
+                                   cross_replica_axis=cross_replica_axis, name='block') for plan in plans]
+    self.final_conv = layers.Conv2D(2 * plans[-1].out_channels, 1, name='final_conv')
     self.final_norm = norm('final_bn')
     self.linear = hk.Linear(num_classes, w_init=hk.initializers.RandomNormal(0.01), name='linear')
 
@@ -177,25 +154,7 @@ class SEResNeXtD(hk.Module):
                                     signal=signal, return_metrics=return_metrics)
 
 
-def default_model_config(variant: str = 'F0') -> ml_collections.ConfigDict:
-  """`config.model` for the baseline of NFNet `variant`: the module's arguments."""
-  return ml_collections.ConfigDict(dict(
-      name='se_resnext',
-      variant=variant,
-      num_classes=1000,
-      width=1.0,
-      se_ratio=0.5,
-      stochdepth_rate=0.25,
-      drop_rate=0.0,
-      activation='gelu',
-      group_width=128,
-      grouped_conv='auto',
-      bn_decay=0.9,
-      cross_replica_axis=AXIS_NAME,   # '' normalises each device's batch by its own statistics
-      remat=False,                # recompute each block's activations in the backward pass
-      depths=ml_collections.config_dict.placeholder(tuple),
-      widths=ml_collections.config_dict.placeholder(tuple),
-  ))
+default_model_config = models.signature_config('se_resnext', SEResNeXtD)
 
 
 models.register(models.ModelFamily(
