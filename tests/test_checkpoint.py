@@ -16,7 +16,7 @@ import pytest
 
 from nfnets import checkpoint
 from nfnets import models
-from nfnets import train_step as train_step_lib
+from nfnets import train_state
 from nfnets.errors import CheckpointError
 from tests import helpers
 from tests import tiny_setup
@@ -46,7 +46,7 @@ def _state(shapes, step, seed=0):
   """A train state with every field distinct and non-trivial (its optimiser state: SGD momentum's)."""
   params, ema_params = _weights(shapes, seed), _weights(shapes, seed + 1)
   opt_state = jax.tree.map(lambda x: x * 0.5, optax.sgd(0.1, momentum=0.9).init(params))
-  return train_step_lib.TrainState(
+  return train_state.TrainState(
       step=np.array(step, np.int32), params=params, model_state={}, opt_state=opt_state, ema_params=ema_params,
       ema_model_state={}, rng=np.array([seed, 7], np.uint32), nonfinite_streak=np.array(2, np.int32),
       loss_scale=np.array(1024.0, np.float32), loss_scale_counter=np.array(3, np.int32),
@@ -117,7 +117,7 @@ def test_restore_gives_back_every_field_and_the_data_position(workdir, shapes):
     restored = saver.restore(step, like, data)
     saver.close()
     _assert_trees_equal(restored, _state(shapes, step, seed=step))
-    assert isinstance(restored, train_step_lib.TrainState)
+    assert isinstance(restored, train_state.TrainState)
     assert next(data) == position  # the iterator resumes after the elements consumed before the save
 
 

@@ -283,7 +283,7 @@ def test_evaluation_of_device_normalised_pixels_equals_the_host_normalised_path_
   old_top1 = np.sum(np.argmax(old_logits, -1) == labels) / len(source)
   old_top5 = np.sum(np.asarray(losses.topk_correct(old_logits, labels, 5))) / len(source)
   results = evaluate.evaluate(trainer.pmap_eval_step(config),
-                              distributed.replicate(weight_sets, train_step_lib.AXIS_NAME), batches)
+                              distributed.replicate(weight_sets, distributed.AXIS_NAME), batches)
   assert results == {'top1': old_top1, 'top5': old_top5, 'num_examples': len(source)}
 
 
