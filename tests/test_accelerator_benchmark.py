@@ -42,6 +42,7 @@ def test_a_failure_other_than_memory_stops_the_sweep_with_its_error_line():
                                             lambda r: None)
 
 
+@pytest.mark.slow
 def test_the_command_runs_the_real_benchmark_per_batch_and_writes_its_lines(tmp_path):
   out = tmp_path / 'mfu.jsonl'
   result = subprocess.run(

@@ -80,6 +80,7 @@ def _step_args(command, **overrides):
   return types.SimpleNamespace(**{**args, **overrides})
 
 
+@pytest.mark.slow
 def test_train_benchmark_times_the_loops_own_step(monkeypatch):
   from nfnets import trainer
   built = {}

@@ -46,6 +46,7 @@ def _finetune_config(**changes):
   return config
 
 
+@pytest.mark.slow
 def test_finetuning_beats_the_same_run_from_scratch(pretrained, tmp_path, capsys):
   from_scratch = trainer.train_and_evaluate(_finetune_config(), tmp_path / 'scratch')
   finetuned = trainer.train_and_evaluate(_finetune_config(init_from=str(pretrained)), tmp_path / 'finetuned')
@@ -54,6 +55,7 @@ def test_finetuning_beats_the_same_run_from_scratch(pretrained, tmp_path, capsys
   assert finetuned['top1'] > from_scratch['top1'] + 0.2, (finetuned, from_scratch)
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_changes_nothing_but_the_classifier(pretrained, tmp_path):
   workdir = tmp_path / 'frozen'
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)

@@ -61,7 +61,7 @@ def test_larger_variant_macs_match_published(variant):
   assert flops.model_macs(_model(variant), resolution) / 1e9 == pytest.approx(billions, rel=5e-3)
 
 
-@pytest.mark.parametrize('variant', _cheap_first(PUBLISHED_PARAMS, 4))
+@pytest.mark.parametrize('variant', _cheap_first(PUBLISHED_PARAMS, 3))
 def test_parameter_counts_match_published(variant):
   assert flops.model_param_count(_model(variant)) / 1e6 == pytest.approx(PUBLISHED_PARAMS[variant],
                                                                  abs=0.005)

@@ -273,6 +273,7 @@ def test_setup_from_a_git_repository(capsys):
       'git -C nfnets checkout --quiet v1.0 && ')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which('gcloud') is None, reason='the Google Cloud CLI is not installed')
 def test_the_installed_gcloud_parses_every_command(checkout, tmp_path, capsys):
   """gcloud checks its arguments before it authenticates: with an empty configuration (no account, no

@@ -92,7 +92,8 @@ def _standardize_weight_as_published(weight, gain, eps=1e-4):
   return weight * scale - mean * scale
 
 
-@pytest.mark.parametrize('shape', [(3, 3, 16, 24), (1, 1, 48, 8), (1, 1, 1, 4)])
+@pytest.mark.parametrize('shape', [(3, 3, 16, 24), pytest.param((1, 1, 48, 8), marks=pytest.mark.slow),
+                                   pytest.param((1, 1, 1, 4), marks=pytest.mark.slow)])
 def test_standardised_kernel_and_its_gradient_match_the_published_formulation(shape):
   rng = np.random.default_rng(0)
   weight = jnp.asarray(rng.normal(0.3, 2.0, shape), jnp.float32)
@@ -107,7 +108,8 @@ def test_standardised_kernel_and_its_gradient_match_the_published_formulation(sh
 
 
 @pytest.mark.parametrize('kernel_shape,stride,groups', [
-    (3, 2, 3), (3, 1, 4), (3, 1, 1), (1, 1, 1), (1, 2, 1)])
+    (3, 2, 3), pytest.param(3, 1, 4, marks=pytest.mark.slow), pytest.param(3, 1, 1, marks=pytest.mark.slow),
+    (1, 1, 1), (1, 2, 1)])
 def test_split_formulation_matches_native_outputs_and_gradients(kernel_shape, stride, groups):
   """'split' (per-group convs, 1x1 convs as matmuls) computes what one lax conv computes."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 7, 12)), jnp.float32)

@@ -77,6 +77,7 @@ def reference_run(tmp_path_factory):
   return checkpoint.read(workdir).weight_sets, results
 
 
+@pytest.mark.slow
 def test_two_processes_on_gcs_survive_preemption_and_match_one_process(reference_run, tmp_path):
   digits.prepare()  # the dataset is local input, prepared once, not part of the run's output
   cwd = tmp_path / 'cwd'

@@ -105,6 +105,7 @@ def test_bad_arguments():
     models.abstract_params(models.model_config('nf_regnet', 'B0', grouped_conv='fast'))
 
 
+@pytest.mark.slow
 def test_a_pmapped_train_step_updates_every_replica_alike():
   config = zoo_testing.short_run(nf_regnet_configs.get_config('tiny'))
   step = zoo_testing.PmappedStep(config)

@@ -111,6 +111,7 @@ def test_configs_and_bad_arguments():
     models.abstract_params(models.model_config('nf_resnet', 'ResNet50', depths=(1, 1)))
 
 
+@pytest.mark.slow
 def test_a_pmapped_train_step_updates_every_replica_alike():
   config = zoo_testing.short_run(nf_resnet_configs.get_config('tiny'))
   assert config.optimizer.clip_mode == 'agc'

@@ -53,6 +53,7 @@ def _loss_and_grads(family: str, remat: bool):
   return jax.device_get(pmapped(replicate(params), replicate(state), images))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', FAMILIES)
 def test_remat_gives_the_same_loss_gradients_and_state(family, monkeypatch):
   consulted = []

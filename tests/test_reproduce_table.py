@@ -65,6 +65,7 @@ def checkpoints(imagenet_dir, tmp_path_factory):
   return folder, expected_top1, expected_top5
 
 
+@pytest.mark.slow
 def test_measures_every_f0_checkpoint_beside_the_published_row_and_says_what_it_skipped(
     imagenet_dir, checkpoints, tmp_path):
   data_dir, _ = imagenet_dir

@@ -180,6 +180,7 @@ def test_train_step_synchronises_batch_statistics_across_devices(bn_step):
                                  atol=1e-6)
 
 
+@pytest.mark.slow
 def test_interrupted_bn_run_resumes_bitwise_statistics_included(bn_step, tmp_path):
   config = bn_step.config
   workdir = str(tmp_path / 'run')

@@ -72,6 +72,7 @@ def _within_stage_growth(rows, label):
   return (sum(avg_var[i] - avg_var[i - 1] for i in WITHIN_STAGE), sum(res_var[i] for i in WITHIN_STAGE))
 
 
+@pytest.mark.slow
 def test_command_draws_two_configs_side_by_side(tmp_path):
   out = tmp_path / 'plots' / 'spp.png'
   depths = f'--config.model.depths={DEPTHS}'.replace(' ', '')
@@ -124,6 +125,7 @@ def test_batch_normalised_blocks_use_the_batch_statistics_and_grow_by_their_resi
   assert 0.5 < growth / sum(values['res_avg_var'][i] for i in WITHIN_STAGE) < 2, values
 
 
+@pytest.mark.slow
 def test_a_normaliser_free_model_measures_the_same_with_and_without_its_regularisers_off():
   """Off, stochastic depth and dropout leave an NF model's training-mode pass equal to its inference pass."""
   config = nfnet_configs.get_config('tiny').model.to_dict()
@@ -142,6 +144,7 @@ def test_a_normaliser_free_model_measures_the_same_with_and_without_its_regulari
   assert not np.allclose(regularised['res_avg_var'], measured['res_avg_var'])
 
 
+@pytest.mark.slow
 def test_command_draws_nf_beside_bn_labelled_by_family(tmp_path):
   out = tmp_path / 'nf_vs_bn.png'
   result = subprocess.run(

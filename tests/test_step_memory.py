@@ -40,6 +40,7 @@ def test_batch_spec_is_the_pipelines_batch():
     assert (value.shape, value.dtype) == (spec[key].shape, spec[key].dtype), key
 
 
+@pytest.mark.slow
 def test_compiled_step_figures_add_up_without_allocating_the_state():
   config = _config(batch=4)
   figures = step_memory.memory_figures(step_memory.compile_train_step(config, 4))
@@ -54,6 +55,7 @@ def test_compiled_step_figures_add_up_without_allocating_the_state():
                                     + figures['temporary_bytes'])
 
 
+@pytest.mark.slow
 def test_accumulated_step_takes_the_whole_update_and_keeps_one_micro_batch_of_activations():
   config = _config(batch=8)
   plain = step_memory.memory_figures(step_memory.compile_train_step(config, 8))

@@ -236,6 +236,7 @@ def accumulating(tmp_path_factory):
   return workdir, trainer.train_and_evaluate(_accumulating_config(), workdir)
 
 
+@pytest.mark.slow
 def test_a_run_with_accumulation_preempted_mid_update_resumes_bitwise(accumulating, tmp_path, monkeypatch, capsys):
   def preempt(batch):
     os.kill(os.getpid(), signal.SIGTERM)  # while an update's micro-batches run on the devices
@@ -266,6 +267,7 @@ def _with_overflowing_targets(batch):
   return dict(batch, labels=batch['labels'] * np.float32(3e4))
 
 
+@pytest.mark.slow
 def test_float16_trains_the_tiny_preset_and_skips_an_injected_overflow(tmp_path, monkeypatch, capsys):
   config = tiny_config(num_steps=6)
   config.precision.compute_dtype = 'float16'
