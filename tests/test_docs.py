@@ -4,11 +4,11 @@ import os
 import re
 
 from configs import nfnet as nfnet_configs
-from tests.helpers import REPO_ROOT as _REPO
+from tests.helpers import REPO_ROOT
 
 
 def _read(path):
-  with open(os.path.join(_REPO, path), encoding='utf-8') as f:
+  with open(os.path.join(REPO_ROOT, path), encoding='utf-8') as f:
     return f.read()
 
 
@@ -30,9 +30,18 @@ def test_readme_variant_table_equals_the_published_figures():
 def test_every_docs_page_is_linked_from_the_readme_and_every_link_resolves():
   readme = _read('README.md')
   links = set(re.findall(r'\]\((docs/[^)#]+)', readme))
-  pages = {f'docs/{name}' for name in os.listdir(os.path.join(_REPO, 'docs')) if name.endswith('.md')}
+  pages = {f'docs/{name}' for name in os.listdir(os.path.join(REPO_ROOT, 'docs')) if name.endswith('.md')}
   assert pages <= links, sorted(pages - links)
   for page in sorted(pages):
     for target in re.findall(r'\]\(([^)#:]+\.md)', _read(page)):
-      assert os.path.exists(os.path.join(_REPO, 'docs', target)), (page, target)
-  assert all(os.path.exists(os.path.join(_REPO, link)) for link in links), links
+      assert os.path.exists(os.path.join(REPO_ROOT, 'docs', target)), (page, target)
+  assert all(os.path.exists(os.path.join(REPO_ROOT, link)) for link in links), links
+
+
+def test_ci_runs_exactly_the_readmes_test_commands():
+  readme = _read('README.md')
+  commands = re.findall(r'^    (python -m pytest[^\n]*)$', readme, re.MULTILINE)
+  assert commands == ['python -m pytest -q', 'python -m pytest -q -m slow']
+  ci_commands = [line.strip() for line in _read('.ci/run').splitlines()
+                 if 'pytest' in line and not line.lstrip().startswith('#')]
+  assert ci_commands == commands

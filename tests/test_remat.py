@@ -3,6 +3,7 @@ import importlib
 import subprocess
 import sys
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,46 @@ def _loss_and_grads(family: str, remat: bool):
   replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * len(devices)), tree)
   pmapped = jax.pmap(step, axis_name=distributed.AXIS_NAME)
   return jax.device_get(pmapped(replicate(params), replicate(state), images))
+
+
+class _RandomStatefulBlock(hk.Module):
+  """A residual block that uses all that `hk.remat` must thread through the recomputation: parameters, Haiku
+  state (a running mean, as batch normalisation keeps) and an RNG key (a random mask, as stochastic depth draws)."""
+
+  def __call__(self, x, is_training):
+    residual = jax.nn.gelu(hk.Linear(x.shape[-1])(x))
+    mean = hk.get_state('mean', residual.shape[-1:], init=jnp.zeros)
+    hk.set_state('mean', 0.9 * mean + 0.1 * jnp.mean(residual, axis=0))
+    keep = jax.random.bernoulli(hk.next_rng_key(), 0.7, residual.shape[:1])[:, None]
+    return x + jnp.where(keep, residual - mean, 0.0), residual
+
+
+def test_rematerialised_blocks_give_the_same_output_gradients_and_state(monkeypatch):
+  """The mechanism every family uses (`layers.run_blocks`), on small blocks: the slow test below checks each
+  family's own model."""
+  consulted = []
+  monkeypatch.setattr(layers, 'REMAT_POLICY', lambda *unused, **unused_kw: consulted.append(True) or False)
+
+  def results(remat):
+    def forward(x):
+      blocks = [_RandomStatefulBlock(name=f'block{i}') for i in range(3)]
+      out, _ = layers.run_blocks(blocks, x, is_training=True, return_metrics=False, remat=remat)
+      return jnp.sum(jnp.sin(out))
+    model = hk.transform_with_state(forward)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16))
+    params, state = model.init(jax.random.PRNGKey(1), x)
+    loss_fn = lambda p: model.apply(p, state, jax.random.PRNGKey(2), x)
+    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return jax.device_get((loss, grads, new_state))
+
+  loss, grads, state = results(remat=False)
+  assert not consulted
+  remat_loss, remat_grads, remat_state = results(remat=True)
+  assert consulted
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), (remat_grads, remat_state),
+               (grads, state))
+  assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.slow
