@@ -17,6 +17,17 @@ def _run(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+def _refusals(*command_lines):
+  """Each command line's (exit status, stderr), the commands run side by side (each pays an import of JAX)."""
+  processes = [subprocess.Popen([sys.executable, '-m', 'scripts.benchmark', *args], cwd=REPO_ROOT, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for args in command_lines]
+  results = []
+  for process in processes:
+    stderr = process.communicate(timeout=120)[1]
+    results.append((process.returncode, stderr))
+  return results
+
+
 def test_input_benchmark_prints_one_json_line(tmp_path):
   result = _run('input', '--config', 'configs/nfnet.py:F1', '--config.data.train_resolution=48',
                 '--config.data.randaugment_layers=2', '--num_images', '8', '--seconds', '0.1',
@@ -53,10 +64,10 @@ def test_input_benchmark_times_the_pipeline_with_its_worker_processes():
 
 
 def test_unknown_subcommand_and_bad_sizes_are_rejected():
-  for args in (['train_stepx'], ['input', '--num_images', '0'], ['input', '--config', 'configs/absent.py:F0'],
-               ['input', '--workers', '-2'], ['input', '--eval_pipeline']):
-    result = _run(*args)
-    assert result.returncode != 0 and result.stderr.startswith('error:') and result.stderr.count('\n') == 1
+  command_lines = (['train_stepx'], ['input', '--num_images', '0'], ['input', '--config', 'configs/absent.py:F0'],
+                   ['input', '--workers', '-2'], ['input', '--eval_pipeline'])
+  for args, (status, stderr) in zip(command_lines, _refusals(*command_lines)):
+    assert status != 0 and stderr.startswith('error:') and stderr.count('\n') == 1, args
 
 
 def test_both_transforms_make_uint8_examples_from_disjoint_pairs_of_jpegs(tmp_path):
@@ -122,6 +133,7 @@ def test_train_benchmark_times_the_loops_own_step(monkeypatch):
       report['baseline']['step_s_median'] / report['step_s_median'], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_eval_benchmark_from_the_command_line():
   result = _run('eval', '--config', 'configs/nfnet.py:tiny', '--batch', '8', '--steps', '1', '--warmup', '0',
                 '--matmul_size', '128')
@@ -146,10 +158,10 @@ def test_the_step_flags_offer_only_compute_dtypes_the_models_accept():
 
 
 def test_step_benchmarks_reject_bad_input():
-  for args in (['train', '--steps', '0'], ['eval', '--batch', '0'], ['train', '--dtype', 'float64'],
-               ['train', '--baseline', 'fast']):
-    result = _run(*args)
-    assert result.returncode != 0 and result.stderr.startswith('error:') and result.stderr.count('\n') == 1, args
+  command_lines = (['train', '--steps', '0'], ['eval', '--batch', '0'], ['train', '--dtype', 'float64'],
+                   ['train', '--baseline', 'fast'])
+  for args, (status, stderr) in zip(command_lines, _refusals(*command_lines)):
+    assert status != 0 and stderr.startswith('error:') and stderr.count('\n') == 1, args
 
 
 @pytest.mark.parametrize('eval_pipeline', [False, True])

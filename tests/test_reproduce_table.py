@@ -103,10 +103,10 @@ def test_measures_every_f0_checkpoint_beside_the_published_row_and_says_what_it_
 
 
 def test_without_data_or_checkpoints_it_prints_the_architecture_and_one_line_per_skip(checkpoints, tmp_path):
-  records, skipped = reproduce_table.reproduce(['F5', 'F5-sam'], None, {})
+  records, skipped = reproduce_table.reproduce(['F1'], None, {})
   assert skipped == ['measured accuracy: no --checkpoints folder given']
   table = reproduce_table.markdown(records)
-  assert '| F5-sam | 377.21M | 377.21M | 289.76B | 289.76B | 416 / 544 | 86.3 | – | – | – | – |' in table
+  assert '| F1 | 132.63M | 132.63M | 35.54B | 35.54B | 224 / 320 | 84.7 | 97.1 | – | – | – |' in table, table
   folder = checkpoints[0]
   missing = str(tmp_path / 'no_imagenet')
   records, skipped = reproduce_table.reproduce(['F0'], str(folder), {'data.data_dir': missing})

@@ -162,24 +162,31 @@ def test_sam_step_updates_with_the_gradient_at_the_ascended_weights():
   batch = _batch(2, PER_DEVICE, seed=1)
   stepped, _ = _run(setup.train_step, state, [batch], jax.local_devices())
 
-  images, labels = batch['images'].reshape(-1, RES, RES, 3), batch['labels'].reshape(-1, NUM_CLASSES)
+  images = train_step_lib.normalize_images(batch['images'].reshape(-1, RES, RES, 3))  # as the step does on device
+  labels = batch['labels'].reshape(-1, NUM_CLASSES)
 
   def loss_fn(params):
     logits, _ = setup.forward.apply(params, state.model_state, jax.random.PRNGKey(0), images, is_training=True)
     return losses.softmax_cross_entropy(logits.astype(jnp.float32), labels,
                                         label_smoothing=config.loss.label_smoothing)
 
+  grad_fn = jax.jit(jax.grad(loss_fn))  # one compiled gradient, taken at w and at the ascended weights
+
   @jax.jit
-  def by_formula(params, base_state):
-    grads = jax.grad(loss_fn)(params)
+  def ascend(params, grads):
     norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
-    ascended = jax.tree.map(lambda w, g: w + rho * g / norm, params, grads)
-    updates, sam_state = base_optimizer.update(jax.grad(loss_fn)(ascended), base_state, params)
+    return jax.tree.map(lambda w, g: w + rho * g / norm, params, grads)
+
+  @jax.jit
+  def base_update(grads, ascended_grads, base_state, params):
+    updates, sam_state = base_optimizer.update(ascended_grads, base_state, params)
     _, plain_state = base_optimizer.update(grads, base_state, params)
     return optax.apply_updates(params, updates), sam_state, plain_state
 
   base_state = state.opt_state.opt_state  # optax.contrib.sam's state holds the base optimizer's
-  params, sam_state, plain_state = by_formula(state.params, base_state)
+  grads = grad_fn(state.params)
+  params, sam_state, plain_state = base_update(grads, grad_fn(ascend(state.params, grads)), base_state,
+                                               state.params)
   got_state = stepped.opt_state.opt_state
   assert jax.tree.structure(got_state) == jax.tree.structure(sam_state)
   # The momentum holds this step's processed gradient exactly; the weights add it, scaled, to themselves.

@@ -143,7 +143,7 @@ def test_sigterm_checkpoints_and_stops_and_the_rerun_finishes_the_same(uninterru
   assert trainer.train_and_evaluate(tiny_config(), workdir) == uninterrupted[1]
 
 
-@pytest.mark.parametrize('log_every_steps', [5, 10])
+@pytest.mark.parametrize('log_every_steps', [5, pytest.param(10, marks=pytest.mark.slow)])
 def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
                                                                            log_every_steps):
   # Batches 13 on are poisoned; the streak reaches the limit of 3 at step 15. Logging every 10 steps, the
