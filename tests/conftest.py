@@ -6,20 +6,21 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=2"
 # The tests' arrays are tiny, so compiling dominates: without LLVM's backend optimisations XLA CPU compiles
-# the tiny train step in 31 s instead of 47 s (measured on 2 cores); run time is irrelevant at these sizes.
+# the tiny train step in 8.5 s instead of 11.4 s, though it then runs in 143 ms instead of 26 ms (2 cores,
+# jax 0.10.2; docs/testing.md has the trade-off).
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import gc  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# XLA's CPU compiler dominates this suite's time (a tiny NFNet's train step takes tens of seconds to
-# compile on 2 cores). Many tests build the same computation through different Python closures, which
+from nfnets.studies import sweeps  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# XLA's CPU compiler dominates this suite's time (hundreds of programs, seconds each on 2 cores). Many tests build the same computation through different Python closures, which
 # the in-memory cache cannot see but the persistent cache (keyed by the HLO) can.
 jax.config.update('jax_compilation_cache_dir',
                   os.environ.get('NFNETS_TEST_JAX_CACHE', os.path.join(tempfile.gettempdir(), 'nfnets-jax-cache')))
@@ -42,5 +43,4 @@ def _mapping_count() -> int:
 def _release_compiled_programs_near_the_mapping_limit():
   yield
   if os.path.exists(_MAPPINGS) and _mapping_count() > _MAPPINGS_TO_CLEAR_AT:
-    jax.clear_caches()
-    gc.collect()
+    sweeps.release_compiled_programs()
