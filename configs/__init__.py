@@ -6,6 +6,10 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
+from configs import common
+from nfnets import models
+from nfnets.errors import ConfigError
+
 # Config fields that were renamed: a command-line override of the old spelling is refused with a line naming the
 # new one (nfnets.cli; nfnets.optim refuses the old field in a config built in Python), and `upgrade` rewrites it
 # in a stored config.
@@ -27,7 +31,6 @@ def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
     optimizer = dict(optimizer)
     clipping = optimizer.pop('clipping')
     field = 'global_norm_threshold' if optimizer.get('clip_mode') == 'global_norm' else 'agc_lambda'
-    from configs import common  # pylint: disable=g-import-not-at-top  (imports the model registry)
     optimizer = {**common.optimizer_config().to_dict(), **optimizer, field: clipping}
     config['optimizer'] = optimizer
   return config
@@ -52,8 +55,6 @@ def for_checkpoint(loaded, given: Optional[ml_collections.ConfigDict] = None) ->
   for a project checkpoint, the family's published recipe for a reference file (so it is evaluated at its
   variant's test resolution).
   """
-  from nfnets import models  # pylint: disable=g-import-not-at-top
-  from nfnets.errors import ConfigError  # pylint: disable=g-import-not-at-top
   if given is None:
     if loaded.config is not None:
       return ml_collections.ConfigDict(upgrade(loaded.config))
